@@ -1,0 +1,63 @@
+"""The run's report: report.json for machines, report.md for people."""
+
+import json
+import os
+
+MODEL_FIELDS = (  # (key, column title, format)
+    ("top1", "top-1", "{:.4f}"),
+    ("top5", "top-5", "{:.4f}"),
+    ("params", "params", "{:,}"),
+    ("param_bytes", "param bytes", "{:,}"),
+    ("flops", "FLOPs/image", "{:,.0f}"),
+    ("latency_ms", "latency ms (batch 1)", "{:.3f}"),
+    ("throughput", "images/s", "{:,.0f}"),
+    ("epochs", "epochs", "{}"),
+    ("wall_time_s", "train time s", "{:.1f}"),
+)
+COMPARISON_FIELDS = (
+    ("size_reduction", "size reduction (teacher bytes / student bytes)", "{:.2f}x"),
+    ("speedup_latency", "latency speedup (teacher / student)", "{:.2f}x"),
+    ("speedup_throughput", "throughput speedup (student / teacher)", "{:.2f}x"),
+    ("agreement", "student-teacher top-1 agreement", "{:.4f}"),
+    ("kd_gain", "KD gain (student top-1 - baseline top-1)", "{:+.4f}"),
+)
+
+
+def compare(teacher: dict, student: dict, baseline: dict | None, agreement: float) -> dict:
+  """The "comparison" section: what the student costs and keeps of the teacher."""
+  return {
+      "size_reduction": teacher["param_bytes"] / student["param_bytes"],
+      "speedup_latency": teacher["latency_ms"] / student["latency_ms"],
+      "speedup_throughput": student["throughput"] / teacher["throughput"],
+      "agreement": agreement,
+      "kd_gain": student["top1"] - baseline["top1"] if baseline else None,
+  }
+
+
+def _format(template: str, value) -> str:
+  return "n/a" if value is None else template.format(value)
+
+
+def to_markdown(report: dict) -> str:
+  """report.md: the models side by side, then the comparison."""
+  names = [name for name in ("teacher", "student", "baseline") if name in report]
+  lines = ["# kd_jax report", "",
+           f"Dataset: {report['dataset']['name']} ({report['dataset']['num_train']} train, "
+           f"{report['dataset']['num_test']} test, {report['dataset']['num_classes']} classes). "
+           f"Devices: {report['devices']}.", "",
+           "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+  for key, title, template in MODEL_FIELDS:
+    cells = [_format(template, report[name].get(key)) for name in names]
+    lines.append(f"| {title} | " + " | ".join(cells) + " |")
+  lines += ["", "| comparison | |", "|---|---|"]
+  for key, title, template in COMPARISON_FIELDS:
+    lines.append(f"| {title} | {_format(template, report['comparison'][key])} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, workdir: str) -> None:
+  """Writes <workdir>/report.json and <workdir>/report.md."""
+  with open(os.path.join(workdir, "report.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  with open(os.path.join(workdir, "report.md"), "w") as f:
+    f.write(to_markdown(report))

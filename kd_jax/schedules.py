@@ -1,0 +1,61 @@
+"""Schedules of the learning rate and the distillation temperature.
+
+Both are functions of the step number, evaluated inside the jitted train step,
+so neither a new learning rate nor a new temperature ever recompiles it.
+"""
+
+from typing import Callable
+
+import jax.numpy as jnp
+import optax
+
+from kd_jax.errors import UserInputError
+
+Schedule = Callable[[jnp.ndarray], jnp.ndarray]
+
+
+def learning_rate_schedule(optimizer_config, steps_per_epoch: int, epochs: int) -> Schedule:
+  """The learning rate per step, from a stage's `optimizer` config.
+
+  `schedule`: 'cosine' (linear warm-up over `warmup_epochs`, then cosine decay
+  to `end_lr_fraction` of the peak over the rest of the run), 'step' (multiply
+  by `decay_factor` at each epoch in `decay_epochs`) or 'constant'.
+  """
+  lr = optimizer_config.learning_rate
+  total_steps = max(steps_per_epoch * epochs, 1)
+  kind = optimizer_config.schedule
+  if kind == "cosine":
+    warmup_steps = min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if warmup_steps else lr, peak_value=lr,
+        warmup_steps=warmup_steps, decay_steps=total_steps,
+        end_value=lr * optimizer_config.end_lr_fraction)
+  if kind == "step":
+    boundaries = {int(e) * steps_per_epoch: optimizer_config.decay_factor
+                  for e in optimizer_config.decay_epochs}
+    return optax.piecewise_constant_schedule(lr, boundaries)
+  if kind == "constant":
+    return optax.constant_schedule(lr)
+  raise UserInputError(
+      f"unknown optimizer.schedule {kind!r}; use 'cosine', 'step' or 'constant'")
+
+
+def temperature_schedule(distill_config, steps_per_epoch: int, epochs: int) -> Schedule:
+  """The distillation temperature per step, changing once per epoch.
+
+  `temperature_schedule`: 'constant' (`temperature`), 'linear' (from
+  `temperature_start` to `temperature_end`; 5 -> 1 is the guide's anneal
+  T(e) = 1 + 4 (1 - e/E)) or 'cosine' (cosine from start to end).
+  """
+  kind = distill_config.temperature_schedule
+  start, end = distill_config.temperature_start, distill_config.temperature_end
+  if kind == "constant":
+    by_epoch = optax.constant_schedule(distill_config.temperature)
+  elif kind == "linear":
+    by_epoch = optax.linear_schedule(start, end, transition_steps=epochs)
+  elif kind == "cosine":
+    by_epoch = optax.cosine_decay_schedule(start, decay_steps=epochs, alpha=end / start)
+  else:
+    raise UserInputError(
+        f"unknown distill.temperature_schedule {kind!r}; use 'constant', 'linear' or 'cosine'")
+  return lambda step: by_epoch(step // steps_per_epoch)

@@ -1,0 +1,92 @@
+"""Temperature and learning-rate schedules, and the optimisers built on them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from kd_jax import optim, schedules
+from kd_jax.errors import UserInputError
+
+
+def _distill(**overrides):
+  config = default.get_config().distill
+  config.update(overrides)
+  return config
+
+
+def test_linear_anneal_is_the_guides_formula():
+  epochs, steps_per_epoch = 10, 7
+  schedule = schedules.temperature_schedule(_distill(temperature_schedule="linear"),
+                                            steps_per_epoch, epochs)
+  for epoch in range(epochs):
+    for step in (epoch * steps_per_epoch, epoch * steps_per_epoch + steps_per_epoch - 1):
+      np.testing.assert_allclose(float(schedule(step)), 1 + 4 * (1 - epoch / epochs), rtol=1e-6)
+
+
+def test_cosine_and_constant_temperatures():
+  cosine = schedules.temperature_schedule(
+      _distill(temperature_schedule="cosine", temperature_start=4.0, temperature_end=1.0), 5, 8)
+  for epoch in range(8):
+    want = 1.0 + 3.0 * 0.5 * (1 + np.cos(np.pi * epoch / 8))
+    np.testing.assert_allclose(float(cosine(epoch * 5)), want, rtol=1e-6)
+  constant = schedules.temperature_schedule(_distill(temperature=3.0), 5, 8)
+  assert float(constant(0)) == float(constant(39)) == 3.0
+
+
+def test_changing_temperature_does_not_recompile():
+  schedule = schedules.temperature_schedule(_distill(temperature_schedule="linear"), 2, 4)
+  traces = []
+
+  @jax.jit
+  def step_fn(step):
+    traces.append(1)
+    return schedule(step)
+
+  values = [float(step_fn(jnp.int32(s))) for s in range(8)]
+  assert len(traces) == 1
+  assert values[0] == 5.0 and values[-1] < values[0]
+
+
+def test_warmup_cosine_learning_rate():
+  config = default.optimizer_config(learning_rate=0.1, warmup_epochs=1)
+  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=10, epochs=5)
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(10)), 0.1, rtol=1e-6)
+  assert float(schedule(30)) < 0.1
+  np.testing.assert_allclose(float(schedule(50)), 0.0, atol=1e-8)
+
+
+def test_step_learning_rate():
+  config = default.optimizer_config(learning_rate=0.05, schedule="step",
+                                    decay_epochs=(2, 4), decay_factor=0.1)
+  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=3, epochs=6)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 6, 11, 12)],
+                             [0.05, 0.05, 0.005, 0.005, 0.0005], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_optimizers_clip_and_descend(name):
+  config = default.optimizer_config(name=name, learning_rate=0.1, schedule="constant",
+                                    weight_decay=1e-4, grad_clip_norm=1.0)
+  optimizer = optim.make_optimizer(config, steps_per_epoch=1, epochs=1)
+  params = {"w": jnp.array([3.0, -2.0])}
+  state = optimizer.init(params)
+  huge_grads = {"w": jnp.array([1e6, -1e6])}
+  updates, _ = optimizer.update(huge_grads, state, params)
+  # Clipped to norm 1 before the update: no step bigger than the learning rate allows.
+  assert float(jnp.abs(updates["w"]).max()) <= 0.1 * 1.01
+  assert float(updates["w"][0]) < 0 < float(updates["w"][1])
+
+
+@pytest.mark.parametrize("field,value", [("name", "rmsprop"), ("schedule", "exponential")])
+def test_unknown_optimizer_settings_are_named(field, value):
+  config = default.optimizer_config(**{field: value})
+  with pytest.raises(UserInputError, match=f"optimizer.{field}"):
+    optim.make_optimizer(config, steps_per_epoch=1, epochs=1)
+
+
+def test_unknown_temperature_schedule_is_named():
+  with pytest.raises(UserInputError, match="temperature_schedule"):
+    schedules.temperature_schedule(_distill(temperature_schedule="exp"), 1, 1)
