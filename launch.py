@@ -4,6 +4,8 @@ Only parses flags and hands the config to kd_jax.pipeline. A mistake in the
 user's input ends with one line naming it and exit status 1, no traceback.
 """
 
+import ast
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -13,22 +15,49 @@ from kd_jax import pipeline
 from kd_jax.errors import UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/default.py", "Config file; override fields with --config.KEY=VALUE.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and the report.",
-                               required=True)
+    "config",
+    "configs/default.py",
+    "Config file; override fields with --config.KEY=VALUE.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Folder for checkpoints, logs and the report.", required=True
+)
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a misspelt --config.KEY reported in one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(f"{e}; see python launch.py --helpfull")
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    detail = str(e)
+    try:  # ml_collections wraps an unknown field's KeyError: its text is a repr.
+      detail = ast.literal_eval(detail)
+    except (SyntaxError, ValueError):
+      pass
+    _fail(f"bad --config override: no such field or value {' '.join(str(detail).split())}")
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
+  # Orbax narrates every file it writes at INFO; keep its warnings only.
+  logging.get_absl_logger().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  )
   try:
     pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserInputError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    _fail(str(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -17,12 +17,19 @@ def get_config():
   config.teacher.epochs = 60
   config.teacher.batch_size = 128
   config.teacher.optimizer = default.optimizer_config(
-      name="sgd", learning_rate=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-      warmup_epochs=1, grad_clip_norm=0.0)
+      name="sgd",
+      learning_rate=0.1,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=5e-4,
+      warmup_epochs=1,
+      grad_clip_norm=0.0,
+  )
   config.student.epochs = 60
   config.student.batch_size = 128
   config.student.optimizer = default.optimizer_config(
-      name="adamw", learning_rate=2e-3, weight_decay=5e-4, warmup_epochs=1)
+      name="adamw", learning_rate=2e-3, weight_decay=5e-4, warmup_epochs=1
+  )
   config.distill.temperature = 4.0
   config.distill.alpha = 0.9
   return config

@@ -12,9 +12,16 @@ def get_config():
   config = default.get_config()
   config.data.source = "tfds"
   config.data.name = "cifar100"
-  sgd = dict(name="sgd", learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
-             schedule="step", decay_epochs=(150, 180, 210), decay_factor=0.1,
-             grad_clip_norm=0.0)
+  sgd = dict(
+      name="sgd",
+      learning_rate=0.05,
+      momentum=0.9,
+      weight_decay=5e-4,
+      schedule="step",
+      decay_epochs=(150, 180, 210),
+      decay_factor=0.1,
+      grad_clip_norm=0.0,
+  )
   config.teacher.model = "resnet32x4"
   config.teacher.epochs = 240
   config.teacher.batch_size = 64

@@ -9,19 +9,21 @@ import ml_collections
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
   """A stage's optimiser: Adam at 1e-4 with cosine decay and clipping (the guide)."""
-  config = ml_collections.ConfigDict(dict(
-      name="adam",              # adam | adamw | sgd
-      learning_rate=1e-4,       # peak learning rate for the global batch
-      momentum=0.9,             # sgd only
-      nesterov=False,           # sgd only
-      weight_decay=0.0,
-      grad_clip_norm=1.0,       # global-norm clipping; 0 switches it off
-      schedule="cosine",        # cosine | step | constant
-      warmup_epochs=0.0,        # cosine: linear warm-up before the decay
-      end_lr_fraction=0.0,      # cosine: final learning rate / peak
-      decay_epochs=(),          # step: epochs at which the rate is multiplied...
-      decay_factor=0.1,         # ...by this
-  ))
+  config = ml_collections.ConfigDict(
+      dict(
+          name="adam",  # adam | adamw | sgd
+          learning_rate=1e-4,  # peak learning rate for the global batch
+          momentum=0.9,  # sgd only
+          nesterov=False,  # sgd only
+          weight_decay=0.0,
+          grad_clip_norm=1.0,  # global-norm clipping; 0 switches it off
+          schedule="cosine",  # cosine | step | constant
+          warmup_epochs=0.0,  # cosine: linear warm-up before the decay
+          end_lr_fraction=0.0,  # cosine: final learning rate / peak
+          decay_epochs=(),  # step: epochs at which the rate is multiplied...
+          decay_factor=0.1,  # ...by this
+      )
+  )
   config.update(overrides)
   return config
 
@@ -31,49 +33,60 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
 
-  config.data = ml_collections.ConfigDict(dict(
-      source="tfds",           # tfds | folder | digits
-      name="cifar10",          # TFDS dataset name (source=tfds)
-      dir="",                  # root of an image folder with train/ and test/ (source=folder)
-      image_size=0,            # resize to this square size; 0 keeps the data's own
-      train_split="train",
-      test_split="test",
-      download=True,           # may TFDS download the dataset if it is not prepared?
-      augment="crop_flip",     # crop_flip (pad-4 random crop + horizontal flip) | none
-  ))
+  config.data = ml_collections.ConfigDict(
+      dict(
+          source="tfds",  # tfds | folder | digits
+          name="cifar10",  # TFDS dataset name (source=tfds)
+          dir="",  # root of an image folder with train/ and test/ (source=folder)
+          image_size=0,  # resize to this square size; 0 keeps the data's own
+          train_split="train",
+          test_split="test",
+          download=True,  # may TFDS download the dataset if it is not prepared?
+          tfds_data_dir="",  # where TFDS keeps prepared data; "" is its default
+          augment="crop_flip",  # crop_flip (pad-4 random crop + horizontal flip) | none
+      )
+  )
 
-  config.teacher = ml_collections.ConfigDict(dict(
-      model="resnet20",
-      checkpoint="",           # a kd_jax stage folder to restore the teacher from, not train it
-      epochs=10,
-      batch_size=64,
-      optimizer=optimizer_config(),
-  ))
+  config.teacher = ml_collections.ConfigDict(
+      dict(
+          model="resnet20",
+          checkpoint="",  # a kd_jax stage folder to restore the teacher from, not train it
+          epochs=10,
+          batch_size=64,
+          optimizer=optimizer_config(),
+      )
+  )
 
-  config.student = ml_collections.ConfigDict(dict(
-      model="dsconv_student",
-      width_multiplier=1.0,
-      epochs=10,
-      batch_size=64,
-      optimizer=optimizer_config(),
-  ))
+  config.student = ml_collections.ConfigDict(
+      dict(
+          model="dsconv_student",
+          width_multiplier=1.0,
+          epochs=10,
+          batch_size=64,
+          optimizer=optimizer_config(),
+      )
+  )
 
-  config.distill = ml_collections.ConfigDict(dict(
-      method="kd",
-      temperature=2.0,
-      alpha=0.5,                       # weight of the soft (KL) term; 1 - alpha weights CE
-      temperature_schedule="constant",  # constant | linear | cosine
-      temperature_start=5.0,           # linear/cosine: from this...
-      temperature_end=1.0,             # ...to this over the run (the guide's 5 -> 1)
-  ))
+  config.distill = ml_collections.ConfigDict(
+      dict(
+          method="kd",
+          temperature=2.0,
+          alpha=0.5,  # weight of the soft (KL) term; 1 - alpha weights CE
+          temperature_schedule="constant",  # constant | linear | cosine
+          temperature_start=5.0,  # linear/cosine: from this...
+          temperature_end=1.0,  # ...to this over the run (the guide's 5 -> 1)
+      )
+  )
 
   # The same student, data, epochs and seed trained with labels only (alpha = 0),
   # so that the report measures what distillation gained.
   config.baseline = ml_collections.ConfigDict(dict(enabled=True))
 
-  config.eval = ml_collections.ConfigDict(dict(
-      batch_size=256,          # evaluation and throughput batch
-      latency_repeats=50,      # batch-1 forward passes timed for latency
-      throughput_repeats=10,   # batch_size forward passes timed for throughput
-  ))
+  config.eval = ml_collections.ConfigDict(
+      dict(
+          batch_size=256,  # evaluation and throughput batch
+          latency_repeats=50,  # batch-1 forward passes timed for latency
+          throughput_repeats=10,  # batch_size forward passes timed for throughput
+      )
+  )
   return config

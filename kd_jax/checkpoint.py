@@ -34,8 +34,10 @@ class StageCheckpoints:
     self.directory = os.path.join(os.path.abspath(stage_dir), CHECKPOINTS)
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=True))
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True
+        ),
+    )
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -43,18 +45,28 @@ class StageCheckpoints:
 
   def save(self, step: int, variables: Variables, train: dict, meta: dict) -> None:
     """Starts writing a checkpoint of `step`."""
-    self._manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
-        meta=ocp.args.JsonSave(meta)))
+    self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardSave(variables),
+            train=ocp.args.StandardSave(train),
+            meta=ocp.args.JsonSave(meta),
+        ),
+    )
 
   def restore(self, step: int, variables: Variables, train: dict):
     """Restores `step` into the structure and shardings of the given templates.
 
     Returns (variables, train, meta).
     """
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_abstract(variables)),
-        train=ocp.args.StandardRestore(_abstract(train)), meta=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_abstract(variables)),
+            train=ocp.args.StandardRestore(_abstract(train)),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
     return restored.model, restored.train, restored.meta
 
   def close(self) -> None:
@@ -72,13 +84,17 @@ def read_meta(path: str) -> tuple[str, int, dict]:
   if os.path.isdir(os.path.join(directory, CHECKPOINTS)):
     directory = os.path.join(directory, CHECKPOINTS)
   if not os.path.isdir(directory):
-    raise UserInputError(f"checkpoint path {path!r} does not exist; point it at a kd_jax "
-                         f"stage folder such as WORKDIR/teacher")
+    raise UserInputError(
+        f"checkpoint path {path!r} does not exist; point it at a kd_jax "
+        f"stage folder such as WORKDIR/teacher"
+    )
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step()
   if step is None:
-    raise UserInputError(f"no complete checkpoint in {directory!r}; point it at a kd_jax "
-                         f"stage folder such as WORKDIR/teacher")
+    raise UserInputError(
+        f"no complete checkpoint in {directory!r}; point it at a kd_jax "
+        f"stage folder such as WORKDIR/teacher"
+    )
   meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   manager.close()
   return directory, step, meta
@@ -93,11 +109,14 @@ def restore_variables(path: str, variables: Variables) -> tuple[Variables, dict]
   directory, step, meta = read_meta(path)
   manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(_abstract(variables))))
+    restored = manager.restore(
+        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(variables)))
+    )
   except (ValueError, KeyError) as e:
-    raise UserInputError(f"checkpoint {directory}/{step} does not fit model "
-                         f"{meta.get('model')!r}: {str(e).splitlines()[0]}") from e
+    raise UserInputError(
+        f"checkpoint {directory}/{step} does not fit model "
+        f"{meta.get('model')!r}: {str(e).splitlines()[0]}"
+    ) from e
   finally:
     manager.close()
   return restored.model, meta

@@ -16,14 +16,21 @@ def make_forward(network: Network, mean_C: np.ndarray, std_C: np.ndarray) -> Cal
   Normalisation is part of it, with the training split's statistics, so the
   function is what a deployment runs.
   """
+
   def forward(variables: Variables, images_BxHxWxC: jax.Array) -> jax.Array:
     x = augment_lib.normalize(images_BxHxWxC, mean_C, std_C)
     return network.apply(variables, x, train=False)[0]
+
   return forward
 
 
-def predict_logits(forward: Callable, variables: Variables, images_NxHxWxC: jax.Array,
-                   batch_size: int, gather: Callable) -> np.ndarray:
+def predict_logits(
+    forward: Callable,
+    variables: Variables,
+    images_NxHxWxC: jax.Array,
+    batch_size: int,
+    gather: Callable,
+) -> np.ndarray:
   """Logits of every image, in batches of one fixed size.
 
   The last batch is padded with copies of the first image and the padding
@@ -34,8 +41,10 @@ def predict_logits(forward: Callable, variables: Variables, images_NxHxWxC: jax.
   num_batches = -(-count // batch_size)
   indices = np.zeros(num_batches * batch_size, np.int32)
   indices[:count] = np.arange(count)
-  outputs = [forward(variables, gather(images_NxHxWxC, batch_indices))
-             for batch_indices in indices.reshape(num_batches, batch_size)]
+  outputs = [
+      forward(variables, gather(images_NxHxWxC, batch_indices))
+      for batch_indices in indices.reshape(num_batches, batch_size)
+  ]
   return np.concatenate(jax.device_get(outputs))[:count]
 
 
@@ -56,9 +65,15 @@ def _median_seconds(fn: Callable, repeats: int) -> float:
   return float(np.median(times))
 
 
-def measure_efficiency(forward: Callable, variables: Variables, image_shape: tuple,
-                       *, batch_size: int, latency_repeats: int,
-                       throughput_repeats: int) -> dict:
+def measure_efficiency(
+    forward: Callable,
+    variables: Variables,
+    image_shape: tuple,
+    *,
+    batch_size: int,
+    latency_repeats: int,
+    throughput_repeats: int
+) -> dict:
   """Size and speed of a model for inference, on one device.
 
   Returns "params", "param_bytes", "flops" (forward FLOPs per image, from
@@ -77,6 +92,6 @@ def measure_efficiency(forward: Callable, variables: Variables, image_shape: tup
       "param_bytes": int(sum(p.size * p.dtype.itemsize for p in params)),
       "flops": float(cost["flops"]),
       "latency_ms": 1e3 * _median_seconds(lambda: jitted(variables, one), latency_repeats),
-      "throughput": batch_size / _median_seconds(lambda: jitted(variables, many),
-                                                 throughput_repeats),
+      "throughput": batch_size
+      / _median_seconds(lambda: jitted(variables, many), throughput_repeats),
   }

@@ -19,8 +19,9 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
   return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B).mean()
 
 
-def kl_divergence(teacher_logits_BxC: jax.Array, student_logits_BxC: jax.Array,
-                  temperature) -> jax.Array:
+def kl_divergence(
+    teacher_logits_BxC: jax.Array, student_logits_BxC: jax.Array, temperature
+) -> jax.Array:
   """KL(softmax(teacher/T) || softmax(student/T)), summed over classes, batch mean.
 
   The same as PyTorch's `kl_div(log_softmax(s/T), softmax(t/T), 'batchmean')`.
@@ -28,12 +29,16 @@ def kl_divergence(teacher_logits_BxC: jax.Array, student_logits_BxC: jax.Array,
   """
   student_log_probs = jax.nn.log_softmax(student_logits_BxC / temperature, axis=-1)
   teacher_log_probs = jax.nn.log_softmax(teacher_logits_BxC / temperature, axis=-1)
-  return optax.losses.kl_divergence_with_log_targets(
-      student_log_probs, teacher_log_probs).mean()
+  return optax.losses.kl_divergence_with_log_targets(student_log_probs, teacher_log_probs).mean()
 
 
-def distillation_loss(student_logits_BxC: jax.Array, teacher_logits_BxC: jax.Array,
-                      labels_B: jax.Array, temperature, alpha):
+def distillation_loss(
+    student_logits_BxC: jax.Array,
+    teacher_logits_BxC: jax.Array,
+    labels_B: jax.Array,
+    temperature,
+    alpha,
+):
   """(1 - alpha) * CE(student, labels) + alpha * T^2 * KL(teacher || student).
 
   The T^2 factor keeps the soft term's gradients on the same scale as the hard

@@ -6,8 +6,9 @@ from kd_jax import schedules
 from kd_jax.errors import UserInputError
 
 
-def make_optimizer(optimizer_config, steps_per_epoch: int,
-                   epochs: int) -> optax.GradientTransformation:
+def make_optimizer(
+    optimizer_config, steps_per_epoch: int, epochs: int
+) -> optax.GradientTransformation:
   """Builds a stage's optax optimiser from its `optimizer` config.
 
   `name`: 'adam', 'adamw' or 'sgd' (with `momentum`, optionally `nesterov`).
@@ -24,12 +25,12 @@ def make_optimizer(optimizer_config, steps_per_epoch: int,
     if name == "adam":
       update = optax.adam(lr)
     else:
-      update = optax.sgd(lr, momentum=optimizer_config.momentum or None,
-                         nesterov=optimizer_config.nesterov)
+      update = optax.sgd(
+          lr, momentum=optimizer_config.momentum or None, nesterov=optimizer_config.nesterov
+      )
     optimizer = optax.chain(optax.add_decayed_weights(decay), update) if decay else update
   else:
-    raise UserInputError(
-        f"unknown optimizer.name {name!r}; use 'adam', 'adamw' or 'sgd'")
+    raise UserInputError(f"unknown optimizer.name {name!r}; use 'adam', 'adamw' or 'sgd'")
   if optimizer_config.grad_clip_norm > 0:
     optimizer = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), optimizer)
   return optimizer

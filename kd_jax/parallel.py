@@ -37,4 +37,5 @@ def check_batch_size(batch_size: int, key: str, mesh: Mesh) -> None:
     lower = max(devices, batch_size // devices * devices)
     raise UserInputError(
         f"{key}={batch_size} does not split evenly over {devices} devices; "
-        f"use a multiple of {devices}, e.g. {lower} or {lower + devices}")
+        f"use a multiple of {devices}, e.g. {lower} or {lower + devices}"
+    )

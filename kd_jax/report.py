@@ -41,11 +41,16 @@ def _format(template: str, value) -> str:
 def to_markdown(report: dict) -> str:
   """report.md: the models side by side, then the comparison."""
   names = [name for name in ("teacher", "student", "baseline") if name in report]
-  lines = ["# kd_jax report", "",
-           f"Dataset: {report['dataset']['name']} ({report['dataset']['num_train']} train, "
-           f"{report['dataset']['num_test']} test, {report['dataset']['num_classes']} classes). "
-           f"Devices: {report['devices']}.", "",
-           "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+  lines = [
+      "# kd_jax report",
+      "",
+      f"Dataset: {report['dataset']['name']} ({report['dataset']['num_train']} train, "
+      f"{report['dataset']['num_test']} test, {report['dataset']['num_classes']} classes). "
+      f"Devices: {report['devices']}.",
+      "",
+      "| | " + " | ".join(names) + " |",
+      "|---" * (len(names) + 1) + "|",
+  ]
   for key, title, template in MODEL_FIELDS:
     cells = [_format(template, report[name].get(key)) for name in names]
     lines.append(f"| {title} | " + " | ".join(cells) + " |")

@@ -27,17 +27,21 @@ def learning_rate_schedule(optimizer_config, steps_per_epoch: int, epochs: int) 
   if kind == "cosine":
     warmup_steps = min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup_steps else lr, peak_value=lr,
-        warmup_steps=warmup_steps, decay_steps=total_steps,
-        end_value=lr * optimizer_config.end_lr_fraction)
+        init_value=0.0 if warmup_steps else lr,
+        peak_value=lr,
+        warmup_steps=warmup_steps,
+        decay_steps=total_steps,
+        end_value=lr * optimizer_config.end_lr_fraction,
+    )
   if kind == "step":
-    boundaries = {int(e) * steps_per_epoch: optimizer_config.decay_factor
-                  for e in optimizer_config.decay_epochs}
+    boundaries = {
+        int(e) * steps_per_epoch: optimizer_config.decay_factor
+        for e in optimizer_config.decay_epochs
+    }
     return optax.piecewise_constant_schedule(lr, boundaries)
   if kind == "constant":
     return optax.constant_schedule(lr)
-  raise UserInputError(
-      f"unknown optimizer.schedule {kind!r}; use 'cosine', 'step' or 'constant'")
+  raise UserInputError(f"unknown optimizer.schedule {kind!r}; use 'cosine', 'step' or 'constant'")
 
 
 def temperature_schedule(distill_config, steps_per_epoch: int, epochs: int) -> Schedule:
@@ -57,5 +61,6 @@ def temperature_schedule(distill_config, steps_per_epoch: int, epochs: int) -> S
     by_epoch = optax.cosine_decay_schedule(start, decay_steps=epochs, alpha=end / start)
   else:
     raise UserInputError(
-        f"unknown distill.temperature_schedule {kind!r}; use 'constant', 'linear' or 'cosine'")
+        f"unknown distill.temperature_schedule {kind!r}; use 'constant', 'linear' or 'cosine'"
+    )
   return lambda step: by_epoch(step // steps_per_epoch)

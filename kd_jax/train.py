@@ -30,6 +30,7 @@ from kd_jax.network import Network, Variables
 @flax.struct.dataclass
 class TrainState:
   """Everything a train step changes."""
+
   step: jax.Array
   variables: Variables
   opt_state: optax.OptState
@@ -38,6 +39,7 @@ class TrainState:
 @dataclasses.dataclass(frozen=True)
 class DeviceData:
   """A dataset held in device memory as uint8, replicated over the mesh."""
+
   train_images: jax.Array
   train_labels: jax.Array
   test_images: jax.Array
@@ -54,21 +56,36 @@ def put_on_device(dataset: Dataset, mesh) -> DeviceData:
   """Copies the dataset to the devices once; steps then index into it."""
   mean_C, std_C = augment_lib.normalization_stats(dataset.train_images)
   put = functools.partial(jax.device_put, device=parallel.replicated(mesh))
-  return DeviceData(put(dataset.train_images), put(dataset.train_labels.astype(np.int32)),
-                    put(dataset.test_images), dataset.test_labels.astype(np.int32),
-                    mean_C, std_C)
+  return DeviceData(
+      put(dataset.train_images),
+      put(dataset.train_labels.astype(np.int32)),
+      put(dataset.test_images),
+      dataset.test_labels.astype(np.int32),
+      mean_C,
+      std_C,
+  )
 
 
 def make_gather(mesh) -> Callable:
   """A jitted `gather(arrays, indices_B)` whose batches are split over the mesh."""
-  return jax.jit(lambda arrays, indices_B: jax.tree.map(lambda a: a[indices_B], arrays),
-                 out_shardings=parallel.batch_sharding(mesh))
+  return jax.jit(
+      lambda arrays, indices_B: jax.tree.map(lambda a: a[indices_B], arrays),
+      out_shardings=parallel.batch_sharding(mesh),
+  )
 
 
-def make_train_step(network: Network, optimizer: optax.GradientTransformation,
-                    data: DeviceData, *, augmentation: Callable, seed: int, mesh,
-                    teacher: Network | None = None, temperature_fn: Callable | None = None,
-                    alpha: float = 0.0) -> Callable:
+def make_train_step(
+    network: Network,
+    optimizer: optax.GradientTransformation,
+    data: DeviceData,
+    *,
+    augmentation: Callable,
+    seed: int,
+    mesh,
+    teacher: Network | None = None,
+    temperature_fn: Callable | None = None,
+    alpha: float = 0.0,
+) -> Callable:
   """The jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
 
   Without a teacher the loss is cross-entropy. With one, the teacher runs in
@@ -89,22 +106,26 @@ def make_train_step(network: Network, optimizer: optax.GradientTransformation,
 
     def loss_fn(params):
       logits_BxC, batch_stats = network.apply(
-          Variables(params, state.variables.batch_stats), x, train=True)
+          Variables(params, state.variables.batch_stats), x, train=True
+      )
       if teacher is None:
         return losses.cross_entropy(logits_BxC, labels_B), (logits_BxC, batch_stats, {})
       loss, parts = losses.distillation_loss(
-          logits_BxC, teacher_logits_BxC, labels_B, temperature, alpha)
+          logits_BxC, teacher_logits_BxC, labels_B, temperature, alpha
+      )
       return loss, (logits_BxC, batch_stats, {**parts, "temperature": temperature})
 
-    (loss, (logits_BxC, batch_stats, parts)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.variables.params)
+    (loss, (logits_BxC, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.variables.params
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.variables.params)
     params = optax.apply_updates(state.variables.params, updates)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B),
-               **parts}
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B), **parts}
     return TrainState(state.step + 1, Variables(params, batch_stats), opt_state), metrics
 
-  return jax.jit(train_step, donate_argnums=(0, 1), out_shardings=parallel.replicated(mesh))
+  # The state is donated: its buffers become the new state's, so a step needs
+  # no second copy of parameters and optimizer moments.
+  return jax.jit(train_step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
 
 
 def epoch_indices(seed: int, epoch: int, count: int, batch_size: int) -> np.ndarray:
@@ -115,11 +136,18 @@ def epoch_indices(seed: int, epoch: int, count: int, batch_size: int) -> np.ndar
   """
   steps = count // batch_size
   order = np.random.default_rng([seed, epoch]).permutation(count)
-  return order[:steps * batch_size].reshape(steps, batch_size).astype(np.int32)
+  return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
-def run_epoch(train_step: Callable, state: TrainState, teacher_variables, data: DeviceData,
-              gather: Callable, indices_SxB: np.ndarray, progress: tqdm):
+def run_epoch(
+    train_step: Callable,
+    state: TrainState,
+    teacher_variables,
+    data: DeviceData,
+    gather: Callable,
+    indices_SxB: np.ndarray,
+    progress: tqdm,
+):
   """Runs one epoch of steps; returns the new state and the epoch's mean metrics.
 
   Metrics stay on the device. The progress bar shows the previous step's,
@@ -133,9 +161,12 @@ def run_epoch(train_step: Callable, state: TrainState, teacher_variables, data: 
     step_metrics.append(metrics)
     if i % 10 == 1:
       shown = jax.device_get(step_metrics[-2])
-      progress.set_postfix(loss=f"{shown['loss']:.3f}", acc=f"{shown['accuracy']:.3f}",
-                           img_s=f"{i * indices_SxB.shape[1] / (time.perf_counter() - start):.0f}",
-                           refresh=False)
+      progress.set_postfix(
+          loss=f"{shown['loss']:.3f}",
+          acc=f"{shown['accuracy']:.3f}",
+          img_s=f"{i * indices_SxB.shape[1] / (time.perf_counter() - start):.0f}",
+          refresh=False,
+      )
     progress.update(1)
   means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *step_metrics))
   return state, {name: float(value) for name, value in means.items()}
@@ -144,14 +175,26 @@ def run_epoch(train_step: Callable, state: TrainState, teacher_variables, data: 
 @dataclasses.dataclass
 class StageResult:
   """What a stage leaves behind: final variables and per-epoch history."""
+
   variables: Variables
   history: list[dict]
   wall_time_s: float
 
 
-def train_stage(name: str, stage_dir: str, *, config, stage_config, network: Network,
-                variables: Variables, data: DeviceData, mesh, teacher: Network | None = None,
-                teacher_variables: Variables | None = None, alpha: float = 0.0) -> StageResult:
+def train_stage(
+    name: str,
+    stage_dir: str,
+    *,
+    config,
+    stage_config,
+    network: Network,
+    variables: Variables,
+    data: DeviceData,
+    mesh,
+    teacher: Network | None = None,
+    teacher_variables: Variables | None = None,
+    alpha: float = 0.0,
+) -> StageResult:
   """Trains one stage (teacher, student or baseline) for its configured epochs.
 
   Each epoch ends with a test-set evaluation, a line in metrics.jsonl and
@@ -161,28 +204,40 @@ def train_stage(name: str, stage_dir: str, *, config, stage_config, network: Net
   batch_size, epochs = stage_config.batch_size, stage_config.epochs
   parallel.check_batch_size(batch_size, f"{name}.batch_size", mesh)
   if batch_size > data.num_train:
-    raise UserInputError(f"{name}.batch_size={batch_size} is larger than the "
-                         f"{data.num_train} training examples; lower it")
+    raise UserInputError(
+        f"{name}.batch_size={batch_size} is larger than the "
+        f"{data.num_train} training examples; lower it"
+    )
   steps = data.num_train // batch_size
   optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs)
   temperature_fn = None
   if teacher is not None:
     temperature_fn = schedules.temperature_schedule(config.distill, steps, epochs)
   train_step = make_train_step(
-      network, optimizer, data, augmentation=augment_lib.get_augmentation(config.data.augment),
-      seed=config.seed, mesh=mesh, teacher=teacher, temperature_fn=temperature_fn, alpha=alpha)
+      network,
+      optimizer,
+      data,
+      augmentation=augment_lib.get_augmentation(config.data.augment),
+      seed=config.seed,
+      mesh=mesh,
+      teacher=teacher,
+      temperature_fn=temperature_fn,
+      alpha=alpha,
+  )
   gather = make_gather(mesh)
   forward = jax.jit(evaluate.make_forward(network, data.mean_C, data.std_C))
 
   state = jax.device_put(
       TrainState(jnp.zeros((), jnp.int32), variables, optimizer.init(variables.params)),
-      parallel.replicated(mesh))
+      parallel.replicated(mesh),
+  )
   history, wall_time_s = [], 0.0
   checkpoints = StageCheckpoints(stage_dir)
   latest = checkpoints.latest_step()
   if latest is not None:
     restored, train, meta = checkpoints.restore(
-        latest, state.variables, {"step": state.step, "opt_state": state.opt_state})
+        latest, state.variables, {"step": state.step, "opt_state": state.opt_state}
+    )
     state = TrainState(train["step"], restored, train["opt_state"])
     history, wall_time_s = meta["history"], meta["wall_time_s"]
     logging.info("%s: resuming after epoch %d from %s", name, len(history), checkpoints.directory)
@@ -191,24 +246,42 @@ def train_stage(name: str, stage_dir: str, *, config, stage_config, network: Net
   for epoch in range(len(history), epochs):
     start = time.perf_counter()
     indices_SxB = epoch_indices(config.seed, epoch, data.num_train, batch_size)
-    with tqdm(total=steps, desc=f"{name} {epoch + 1}/{epochs}", leave=False,
-              disable=jax.process_index() != 0) as progress:
-      state, metrics = run_epoch(train_step, state, teacher_variables, data, gather,
-                                 indices_SxB, progress)
-    test_logits = evaluate.predict_logits(forward, state.variables, data.test_images,
-                                          config.eval.batch_size, gather)
+    with tqdm(
+        total=steps,
+        desc=f"{name} {epoch + 1}/{epochs}",
+        leave=False,
+        disable=None if jax.process_index() == 0 else True,
+    ) as progress:
+      state, metrics = run_epoch(
+          train_step, state, teacher_variables, data, gather, indices_SxB, progress
+      )
+    test_logits = evaluate.predict_logits(
+        forward, state.variables, data.test_images, config.eval.batch_size, gather
+    )
     metrics["test_top1"] = evaluate.topk_accuracy(test_logits, data.test_labels, 1)
     metrics["epoch_time_s"] = time.perf_counter() - start
     wall_time_s += metrics["epoch_time_s"]
     history.append({"epoch": epoch + 1, **metrics})
     log.write(epoch + 1, metrics)
-    logging.info("%s epoch %d/%d: %s", name, epoch + 1, epochs,
-                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-    checkpoints.save(int(state.step), state.variables,
-                     {"step": state.step, "opt_state": state.opt_state},
-                     {"model": network.name, "num_classes": int(test_logits.shape[-1]),
-                      "epochs_done": epoch + 1, "history": history,
-                      "wall_time_s": wall_time_s})
+    logging.info(
+        "%s epoch %d/%d: %s",
+        name,
+        epoch + 1,
+        epochs,
+        " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+    )
+    checkpoints.save(
+        int(state.step),
+        state.variables,
+        {"step": state.step, "opt_state": state.opt_state},
+        {
+            "model": network.name,
+            "num_classes": int(test_logits.shape[-1]),
+            "epochs_done": epoch + 1,
+            "history": history,
+            "wall_time_s": wall_time_s,
+        },
+    )
   log.close()
   checkpoints.close()
   return StageResult(state.variables, history, wall_time_s)

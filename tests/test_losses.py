@@ -31,8 +31,9 @@ def test_distillation_loss_matches_reference(scale, temperature, alpha):
   teacher = (rng.normal(size=(16, 10)) * scale).astype(np.float32)
   labels = rng.integers(0, 10, 16)
   total, parts = losses.distillation_loss(student, teacher, labels, temperature, alpha)
-  want_total, want_ce, want_kl = reference_distillation_loss(student, teacher, labels,
-                                                             temperature, alpha)
+  want_total, want_ce, want_kl = reference_distillation_loss(
+      student, teacher, labels, temperature, alpha
+  )
   assert np.isfinite(float(total))
   # float32 arithmetic on values of size ~scale: compare relative to that size.
   tol = 1e-6 * max(1.0, scale)
@@ -49,8 +50,10 @@ def test_softmax_with_temperature_softens_and_sums_to_one():
     want = np.exp(z - z.max(-1, keepdims=True))
     want /= want.sum(-1, keepdims=True)
     np.testing.assert_allclose(probs, want, atol=1e-6)
-  assert (np.asarray(losses.softmax_with_temperature(logits, 4.0))[0].max()
-          < np.asarray(losses.softmax_with_temperature(logits, 1.0))[0].max())
+  assert (
+      np.asarray(losses.softmax_with_temperature(logits, 4.0))[0].max()
+      < np.asarray(losses.softmax_with_temperature(logits, 1.0))[0].max()
+  )
 
 
 def test_kl_is_zero_when_student_matches_teacher():
@@ -62,11 +65,13 @@ def test_no_gradient_reaches_the_teacher():
   rng = np.random.default_rng(2)
   student, teacher = rng.normal(size=(2, 4, 6)).astype(np.float32)
   labels = np.array([0, 1, 2, 3])
-  grad_teacher = jax.grad(
-      lambda t: losses.distillation_loss(student, t, labels, 2.0, 0.5)[0])(teacher)
+  grad_teacher = jax.grad(lambda t: losses.distillation_loss(student, t, labels, 2.0, 0.5)[0])(
+      teacher
+  )
   assert not np.any(np.asarray(grad_teacher))
-  grad_student = jax.grad(
-      lambda s: losses.distillation_loss(s, teacher, labels, 2.0, 0.5)[0])(student)
+  grad_student = jax.grad(lambda s: losses.distillation_loss(s, teacher, labels, 2.0, 0.5)[0])(
+      student
+  )
   assert np.all(np.isfinite(grad_student)) and np.any(np.asarray(grad_student))
 
 

@@ -18,8 +18,9 @@ def _distill(**overrides):
 
 def test_linear_anneal_is_the_guides_formula():
   epochs, steps_per_epoch = 10, 7
-  schedule = schedules.temperature_schedule(_distill(temperature_schedule="linear"),
-                                            steps_per_epoch, epochs)
+  schedule = schedules.temperature_schedule(
+      _distill(temperature_schedule="linear"), steps_per_epoch, epochs
+  )
   for epoch in range(epochs):
     for step in (epoch * steps_per_epoch, epoch * steps_per_epoch + steps_per_epoch - 1):
       np.testing.assert_allclose(float(schedule(step)), 1 + 4 * (1 - epoch / epochs), rtol=1e-6)
@@ -27,7 +28,8 @@ def test_linear_anneal_is_the_guides_formula():
 
 def test_cosine_and_constant_temperatures():
   cosine = schedules.temperature_schedule(
-      _distill(temperature_schedule="cosine", temperature_start=4.0, temperature_end=1.0), 5, 8)
+      _distill(temperature_schedule="cosine", temperature_start=4.0, temperature_end=1.0), 5, 8
+  )
   for epoch in range(8):
     want = 1.0 + 3.0 * 0.5 * (1 + np.cos(np.pi * epoch / 8))
     np.testing.assert_allclose(float(cosine(epoch * 5)), want, rtol=1e-6)
@@ -59,17 +61,20 @@ def test_warmup_cosine_learning_rate():
 
 
 def test_step_learning_rate():
-  config = default.optimizer_config(learning_rate=0.05, schedule="step",
-                                    decay_epochs=(2, 4), decay_factor=0.1)
+  config = default.optimizer_config(
+      learning_rate=0.05, schedule="step", decay_epochs=(2, 4), decay_factor=0.1
+  )
   schedule = schedules.learning_rate_schedule(config, steps_per_epoch=3, epochs=6)
-  np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 6, 11, 12)],
-                             [0.05, 0.05, 0.005, 0.005, 0.0005], rtol=1e-6)
+  np.testing.assert_allclose(
+      [float(schedule(s)) for s in (0, 5, 6, 11, 12)], [0.05, 0.05, 0.005, 0.005, 0.0005], rtol=1e-6
+  )
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
 def test_optimizers_clip_and_descend(name):
-  config = default.optimizer_config(name=name, learning_rate=0.1, schedule="constant",
-                                    weight_decay=1e-4, grad_clip_norm=1.0)
+  config = default.optimizer_config(
+      name=name, learning_rate=0.1, schedule="constant", weight_decay=1e-4, grad_clip_norm=1.0
+  )
   optimizer = optim.make_optimizer(config, steps_per_epoch=1, epochs=1)
   params = {"w": jnp.array([3.0, -2.0])}
   state = optimizer.init(params)

@@ -29,8 +29,9 @@ def normalize(images_BxHxWxC: jax.Array, mean_C, std_C) -> jax.Array:
   return (images_BxHxWxC.astype(jnp.float32) / 255.0 - mean_C) / std_C
 
 
-def random_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array,
-                     padding: int = CROP_PADDING) -> jax.Array:
+def random_crop_flip(
+    key: jax.Array, images_BxHxWxC: jax.Array, padding: int = CROP_PADDING
+) -> jax.Array:
   """Zero-pads by `padding`, crops back to size at a random offset, flips half.
 
   The standard CIFAR augmentation (PyTorch's RandomCrop(32, padding=4) followed

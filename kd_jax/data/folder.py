@@ -1,0 +1,186 @@
+"""Image-folder source: root/{train,test}/<class>/<image>, decoded with OpenCV.
+
+Class indices follow the sorted class folder names; files are read in sorted
+order within each class, so every load gives the same arrays. Images are
+decoded to RGB (grayscale is expanded, alpha dropped). With image_size 0 the
+most common image size across both splits is kept and other images are resized
+to it.
+"""
+
+import collections
+from concurrent import futures
+import os
+
+from absl import logging
+import cv2
+import numpy as np
+
+from kd_jax.data import Dataset
+from kd_jax.data import resize
+from kd_jax.errors import UserInputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+SPLITS = ("train", "test")
+# Chunks of a few hundred files amortize the pool overhead; one task per file
+# is slower than a plain loop.
+_CHUNK_FILES = 500
+_MAX_WORKERS = 4
+# Up to this fraction of a split (and always one file) may be undecodable.
+_MAX_BAD_FRACTION = 0.01
+
+
+def load(root: str | None, image_size: int) -> Dataset:
+  """Loads an image-folder tree.
+
+  Args:
+    root: the folder holding train/<class>/ and test/<class>/ (data.dir).
+    image_size: side to resize every image to; 0 keeps the most common size.
+
+  Returns:
+    The dataset, with `train_files` set.
+
+  Raises:
+    UserInputError: the tree is missing, malformed or has too many bad files.
+  """
+  if not root:
+    raise UserInputError(
+        "data.dir is not set: point it at a folder holding train/<class>/ and "
+        "test/<class>/ images"
+    )
+  root = os.path.expanduser(root)
+  if not os.path.isdir(root):
+    raise UserInputError(f"data.dir {root} does not exist or is not a folder")
+  class_names = _class_names(root)
+  splits = {}
+  for split in SPLITS:
+    files, labels = _list_files(root, split, class_names)
+    images = _decode(root, files, image_size)
+    splits[split] = _drop_undecodable(root, split, files, labels, images)
+  if not image_size:
+    _resize_to_most_common(splits)
+  train_files, train_labels, train_images = splits["train"]
+  _, test_labels, test_images = splits["test"]
+  return Dataset(
+      train_images=np.stack(train_images),
+      train_labels=np.asarray(train_labels, np.int32),
+      test_images=np.stack(test_images),
+      test_labels=np.asarray(test_labels, np.int32),
+      class_names=class_names,
+      train_files=tuple(train_files),
+  )
+
+
+def _class_names(root: str) -> tuple[str, ...]:
+  """Returns the sorted class folder names, checking both splits agree."""
+  classes = {}
+  for split in SPLITS:
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+      raise UserInputError(
+          f"data.dir {root} has no {split}/ folder: expected " f"{split}/<class>/<image> files"
+      )
+    # Hidden folders (.ipynb_checkpoints and the like) are not classes.
+    classes[split] = {
+        entry.name
+        for entry in os.scandir(split_dir)
+        if entry.is_dir() and not entry.name.startswith(".")
+    }
+    if not classes[split]:
+      raise UserInputError(f"{split_dir} has no class folders: expected {split}/<class>/<image>")
+  if classes["train"] != classes["test"]:
+    only_train = ", ".join(sorted(classes["train"] - classes["test"])) or "-"
+    only_test = ", ".join(sorted(classes["test"] - classes["train"])) or "-"
+    raise UserInputError(
+        f"train/ and test/ in {root} have different classes (only in train: "
+        f"{only_train}; only in test: {only_test}): give both the same class "
+        "folders"
+    )
+  return tuple(sorted(classes["train"]))
+
+
+def _list_files(root: str, split: str, class_names: tuple[str, ...]) -> tuple[list[str], list[int]]:
+  """Lists a split's image files (root-relative, '/'-separated) and labels."""
+  files, labels = [], []
+  for label, name in enumerate(class_names):
+    class_dir = os.path.join(root, split, name)
+    names = sorted(
+        entry.name
+        for entry in os.scandir(class_dir)
+        if entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
+    )
+    if not names:
+      raise UserInputError(
+          f"class folder {class_dir} has no images "
+          f'({"/".join(IMAGE_SUFFIXES)}): add some or remove the folder'
+      )
+    files.extend(f"{split}/{name}/{file_name}" for file_name in names)
+    labels.extend([label] * len(names))
+  return files, labels
+
+
+def _decode(root: str, files: list[str], image_size: int) -> list[np.ndarray | None]:
+  """Decodes files in a thread pool (OpenCV releases the GIL); None if bad."""
+  paths = [os.path.join(root, f) for f in files]
+  chunks = [paths[i : i + _CHUNK_FILES] for i in range(0, len(paths), _CHUNK_FILES)]
+  workers = min(_MAX_WORKERS, os.cpu_count() or 1, len(chunks))
+  with futures.ThreadPoolExecutor(workers) as pool:
+    decoded = pool.map(_decode_chunk, chunks, [image_size] * len(chunks))
+    return [image for chunk in decoded for image in chunk]
+
+
+def _decode_chunk(paths: list[str], image_size: int) -> list[np.ndarray | None]:
+  """Decodes paths to RGB, resized to image_size (unless 0)."""
+  images = []
+  for path in paths:
+    image = cv2.imread(path, cv2.IMREAD_COLOR_RGB)
+    if image is not None and image_size:
+      image = resize.resize_image(image, image_size, image_size)
+    images.append(image)
+  return images
+
+
+def _drop_undecodable(root, split, files, labels, images):
+  """Skips, with a warning, the few files OpenCV cannot decode.
+
+  Args:
+    root: data.dir.
+    split: 'train' or 'test'.
+    files: relative paths.
+    labels: one label per file.
+    images: decoded images, None for a bad file.
+
+  Returns:
+    (files, labels, images) without the bad files.
+
+  Raises:
+    UserInputError: more than 1% of the split (and more than one file) is bad.
+  """
+  bad = [f for f, image in zip(files, images) if image is None]
+  if len(bad) > max(1, int(_MAX_BAD_FRACTION * len(files))):
+    examples = ", ".join(os.path.join(root, f) for f in bad[:3])
+    raise UserInputError(
+        f"{len(bad)} of {len(files)} {split} images in {root} cannot be "
+        f"decoded, e.g. {examples}: fix or remove them"
+    )
+  for f in bad:
+    logging.warning("Skipping %s: OpenCV cannot decode it.", os.path.join(root, f))
+  kept = [i for i, image in enumerate(images) if image is not None]
+  return ([files[i] for i in kept], [labels[i] for i in kept], [images[i] for i in kept])
+
+
+def _resize_to_most_common(splits) -> None:
+  """Resizes, in place, every image to the most common size of both splits."""
+  sizes = collections.Counter(
+      image.shape[:2] for _, _, images in splits.values() for image in images
+  )
+  (height, width), count = sizes.most_common(1)[0]
+  if count < sum(sizes.values()):
+    logging.warning(
+        "Images differ in size; resizing %d of them to the most common size "
+        "%dx%d (set data.image_size to choose the size).",
+        sum(sizes.values()) - count,
+        height,
+        width,
+    )
+  for _, _, images in splits.values():
+    images[:] = [resize.resize_image(image, height, width) for image in images]

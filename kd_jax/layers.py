@@ -1,0 +1,263 @@
+"""Convolution building blocks for the teacher and student models.
+
+All layers take and return channels-last arrays (B, H, W, C) and follow the
+PyTorch layer semantics of the reference implementations (padding=1 for 3x3
+convolutions, BatchNorm with PyTorch's defaults), so parameter counts and
+output shapes match the published models.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# PyTorch's BatchNorm2d defaults; its momentum=0.1 weighs the new batch, Flax's
+# momentum weighs the running average, hence 0.9.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+# Equals nnx.Conv's default kernel init, so every conv starts the same way.
+_KERNEL_INIT = nnx.initializers.lecun_normal()
+
+
+def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
+  """Returns an nnx.BatchNorm with PyTorch's default momentum and epsilon."""
+  return nnx.BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+
+
+def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
+  """Returns a bias-free 3x3 nnx.Conv padded like PyTorch's padding=1."""
+  return nnx.Conv(
+      in_features,
+      out_features,
+      kernel_size=(3, 3),
+      strides=strides,
+      padding=((1, 1), (1, 1)),
+      use_bias=False,
+      rngs=rngs,
+  )
+
+
+def depthwise_conv_shifted(
+    x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, stride: int
+) -> jax.Array:
+  """3x3 depthwise convolution (padding 1) as nine shifted multiply-adds.
+
+  Computes out[h, w] = sum_{i,j} pad(x)[h*s + i, w*s + j] * k[i, j] per
+  channel. On CPU this is far faster than XLA's grouped convolution, forward
+  and backward.
+
+  Args:
+    x_BxHxWxC: input images.
+    kernel_3x3x1xC: one 3x3 filter per channel.
+    stride: spatial stride (same in both directions).
+
+  Returns:
+    The convolved images, shape (B, (H-1)//stride + 1, (W-1)//stride + 1, C).
+  """
+  _, height, width, _ = x_BxHxWxC.shape
+  out_h = (height - 1) // stride + 1
+  out_w = (width - 1) // stride + 1
+  x_pad = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+  def tap(i, j):
+    rows = slice(i, i + (out_h - 1) * stride + 1, stride)
+    cols = slice(j, j + (out_w - 1) * stride + 1, stride)
+    return x_pad[:, rows, cols, :] * kernel_3x3x1xC[i, j, 0]
+
+  return sum(tap(i, j) for i in range(3) for j in range(3))
+
+
+def depthwise_conv_grouped(
+    x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, stride: int
+) -> jax.Array:
+  """3x3 depthwise convolution (padding 1) as an XLA grouped convolution.
+
+  Same result as `depthwise_conv_shifted`; the faster choice on accelerators.
+
+  Args:
+    x_BxHxWxC: input images.
+    kernel_3x3x1xC: one 3x3 filter per channel.
+    stride: spatial stride (same in both directions).
+
+  Returns:
+    The convolved images, shape (B, (H-1)//stride + 1, (W-1)//stride + 1, C).
+  """
+  return jax.lax.conv_general_dilated(
+      x_BxHxWxC,
+      kernel_3x3x1xC,
+      window_strides=(stride, stride),
+      padding=((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x_BxHxWxC.shape[-1],
+  )
+
+
+class DepthwiseConv(nnx.Module):
+  """Bias-free 3x3 depthwise convolution, one filter per channel, padding 1."""
+
+  def __init__(self, channels: int, *, strides: int = 1, rngs: nnx.Rngs):
+    """Creates the layer.
+
+    Args:
+      channels: number of input (and output) channels.
+      strides: spatial stride.
+      rngs: random key source for the kernel init.
+    """
+    self.strides = strides
+    # nnx.Conv's layout for feature_group_count=channels.
+    self.kernel = nnx.Param(_KERNEL_INIT(rngs.params(), (3, 3, 1, channels)))
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the convolution to channels-last images."""
+    # XLA's CPU grouped convolution is ~40x slower than the shifted sum.
+    if jax.default_backend() == "cpu":
+      conv = depthwise_conv_shifted
+    else:
+      conv = depthwise_conv_grouped
+    return conv(x_BxHxWxC, self.kernel[...], self.strides)
+
+
+class PointwiseConv(nnx.Module):
+  """Bias-free 1x1 convolution computed as a matrix product over channels."""
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      strides: int = 1,
+      rngs: nnx.Rngs,
+  ):
+    """Creates the layer.
+
+    Args:
+      in_features: number of input channels.
+      out_features: number of output channels.
+      strides: spatial stride; a 1x1 kernel with stride s just keeps every
+        s-th pixel, as PyTorch's Conv2d(kernel_size=1, stride=s) does.
+      rngs: random key source for the kernel init.
+    """
+    self.strides = strides
+    # nnx.Conv's kernel layout, so weights convert one-to-one.
+    self.kernel = nnx.Param(_KERNEL_INIT(rngs.params(), (1, 1, in_features, out_features)))
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the convolution to channels-last images."""
+    s = self.strides
+    x_BxHxWxC = x_BxHxWxC[:, ::s, ::s, :]
+    return jnp.einsum("bhwc,cd->bhwd", x_BxHxWxC, self.kernel[0, 0])
+
+
+class DSConv(nnx.Module):
+  """Depthwise-separable block: depthwise-BN-ReLU, then pointwise-BN-ReLU."""
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      strides: int = 1,
+      rngs: nnx.Rngs,
+  ):
+    """Creates the block.
+
+    Args:
+      in_features: number of input channels.
+      out_features: number of output channels.
+      strides: stride of the depthwise convolution.
+      rngs: random key source for the parameter inits.
+    """
+    self.depthwise = DepthwiseConv(in_features, strides=strides, rngs=rngs)
+    self.bn1 = batch_norm(in_features, rngs=rngs)
+    self.pointwise = PointwiseConv(in_features, out_features, rngs=rngs)
+    self.bn2 = batch_norm(out_features, rngs=rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the block to channels-last images."""
+    x = nnx.relu(self.bn1(self.depthwise(x_BxHxWxC)))
+    return nnx.relu(self.bn2(self.pointwise(x)))
+
+
+class BasicBlock(nnx.Module):
+  """CIFAR ResNet block: conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, ReLU.
+
+  The shortcut is a strided 1x1 conv + BN when the shape changes, else the
+  identity (RepDistiller's models/resnet.py).
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      strides: int = 1,
+      rngs: nnx.Rngs,
+  ):
+    """Creates the block.
+
+    Args:
+      in_features: number of input channels.
+      out_features: number of output channels.
+      strides: stride of the first conv and of the shortcut.
+      rngs: random key source for the parameter inits.
+    """
+    self.conv1 = conv3x3(in_features, out_features, strides=strides, rngs=rngs)
+    self.bn1 = batch_norm(out_features, rngs=rngs)
+    self.conv2 = conv3x3(out_features, out_features, rngs=rngs)
+    self.bn2 = batch_norm(out_features, rngs=rngs)
+    if strides != 1 or in_features != out_features:
+      self.shortcut = nnx.Sequential(
+          PointwiseConv(in_features, out_features, strides=strides, rngs=rngs),
+          batch_norm(out_features, rngs=rngs),
+      )
+    else:
+      self.shortcut = None
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the block to channels-last images."""
+    out = nnx.relu(self.bn1(self.conv1(x_BxHxWxC)))
+    out = self.bn2(self.conv2(out))
+    residual = x_BxHxWxC if self.shortcut is None else self.shortcut(x_BxHxWxC)
+    return nnx.relu(out + residual)
+
+
+class WideBasicBlock(nnx.Module):
+  """Pre-activation WRN block: BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus shortcut.
+
+  As in RepDistiller's models/wrn.py (dropout 0): when the channel count
+  changes, the shortcut is a bias-free strided 1x1 conv applied to the
+  pre-activated input; otherwise it is the identity on the raw input.
+  """
+
+  def __init__(
+      self,
+      in_features: int,
+      out_features: int,
+      *,
+      strides: int = 1,
+      rngs: nnx.Rngs,
+  ):
+    """Creates the block.
+
+    Args:
+      in_features: number of input channels.
+      out_features: number of output channels.
+      strides: stride of the first conv and of the shortcut.
+      rngs: random key source for the parameter inits.
+    """
+    self.bn1 = batch_norm(in_features, rngs=rngs)
+    self.conv1 = conv3x3(in_features, out_features, strides=strides, rngs=rngs)
+    self.bn2 = batch_norm(out_features, rngs=rngs)
+    self.conv2 = conv3x3(out_features, out_features, rngs=rngs)
+    if in_features != out_features:
+      self.shortcut = PointwiseConv(in_features, out_features, strides=strides, rngs=rngs)
+    else:
+      self.shortcut = None
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the block to channels-last images."""
+    preact = nnx.relu(self.bn1(x_BxHxWxC))
+    out = nnx.relu(self.bn2(self.conv1(preact)))
+    out = self.conv2(out)
+    residual = x_BxHxWxC if self.shortcut is None else self.shortcut(preact)
+    return out + residual

@@ -1,0 +1,230 @@
+"""Teacher and student models, and a registry to build them by name.
+
+The CIFAR ResNets and WideResNets follow RepDistiller (HobbitLong/RepDistiller,
+models/resnet.py and models/wrn.py), so their parameter counts match the CRD
+paper's tables. Every model maps float32 images (B, H, W, C), any H, W >= 8, to
+logits (B, num_classes), and starts in training mode: call `model.eval()` for
+inference (BatchNorm then uses its running statistics) and `model.train()` to
+switch back.
+"""
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kd_jax import layers
+from kd_jax.errors import UserInputError
+
+
+def _global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:
+  # A mean instead of RepDistiller's AvgPool2d(8), which assumes 32x32 inputs.
+  return jnp.mean(x_BxHxWxC, axis=(1, 2))
+
+
+class DSConvStudent(nnx.Module):
+  """Small student: three depthwise-separable blocks, average pool, linear."""
+
+  def __init__(
+      self,
+      *,
+      num_classes: int,
+      in_channels: int,
+      rngs: nnx.Rngs,
+      width_multiplier: float = 1.0,
+  ):
+    """Creates the student.
+
+    Args:
+      num_classes: number of output logits.
+      in_channels: number of input image channels.
+      rngs: random key source for the parameter inits.
+      width_multiplier: scales the 64/128/256 block widths (each rounded to
+        the nearest int, at least 1).
+
+    Raises:
+      UserInputError: if width_multiplier is not positive.
+    """
+    if width_multiplier <= 0:
+      raise UserInputError(f"width_multiplier must be positive, got {width_multiplier}")
+    c1, c2, c3 = (max(1, round(c * width_multiplier)) for c in (64, 128, 256))
+    self.block1 = layers.DSConv(in_channels, c1, strides=2, rngs=rngs)
+    self.block2 = layers.DSConv(c1, c2, rngs=rngs)
+    self.block3 = layers.DSConv(c2, c3, rngs=rngs)
+    self.fc = nnx.Linear(c3, num_classes, rngs=rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Returns the logits (B, num_classes) for images (B, H, W, C)."""
+    x = self.block3(self.block2(self.block1(x_BxHxWxC)))
+    return self.fc(_global_avg_pool(x))
+
+
+class CifarResNet(nnx.Module):
+  """CIFAR ResNet: conv3x3-BN-ReLU stem, three BasicBlock stages, linear."""
+
+  def __init__(
+      self,
+      *,
+      depth: int,
+      widths: Sequence[int],
+      num_classes: int,
+      in_channels: int,
+      rngs: nnx.Rngs,
+  ):
+    """Creates the network.
+
+    Args:
+      depth: 6n + 2 for n blocks per stage.
+      widths: channels of the stem and of the three stages, e.g. (16, 16, 32,
+        64) for resnet20 or (32, 64, 128, 256) for resnet32x4.
+      num_classes: number of output logits.
+      in_channels: number of input image channels.
+      rngs: random key source for the parameter inits.
+    """
+    if (depth - 2) % 6:
+      raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+    blocks_per_stage = (depth - 2) // 6
+    stem_width, *stage_widths = widths
+    self.stem_conv = layers.conv3x3(in_channels, stem_width, rngs=rngs)
+    self.stem_bn = layers.batch_norm(stem_width, rngs=rngs)
+    blocks = []
+    cin = stem_width
+    for width, stride in zip(stage_widths, (1, 2, 2), strict=True):
+      for b in range(blocks_per_stage):
+        blocks.append(layers.BasicBlock(cin, width, strides=stride if b == 0 else 1, rngs=rngs))
+        cin = width
+    self.blocks = nnx.List(blocks)
+    self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Returns the logits (B, num_classes) for images (B, H, W, C)."""
+    x = nnx.relu(self.stem_bn(self.stem_conv(x_BxHxWxC)))
+    for block in self.blocks:
+      x = block(x)
+    return self.fc(_global_avg_pool(x))
+
+
+class WideResNet(nnx.Module):
+  """WRN-depth-k: conv3x3 stem, three pre-activation stages, BN-ReLU, linear."""
+
+  def __init__(
+      self,
+      *,
+      depth: int,
+      widen_factor: int,
+      num_classes: int,
+      in_channels: int,
+      rngs: nnx.Rngs,
+  ):
+    """Creates the network.
+
+    Args:
+      depth: 6n + 4 for n blocks per stage.
+      widen_factor: k; the stages have 16k, 32k and 64k channels.
+      num_classes: number of output logits.
+      in_channels: number of input image channels.
+      rngs: random key source for the parameter inits.
+    """
+    if (depth - 4) % 6:
+      raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
+    blocks_per_stage = (depth - 4) // 6
+    cin = 16
+    self.stem_conv = layers.conv3x3(in_channels, cin, rngs=rngs)
+    blocks = []
+    for width, stride in zip(
+        (16 * widen_factor, 32 * widen_factor, 64 * widen_factor),
+        (1, 2, 2),
+        strict=True,
+    ):
+      for b in range(blocks_per_stage):
+        blocks.append(layers.WideBasicBlock(cin, width, strides=stride if b == 0 else 1, rngs=rngs))
+        cin = width
+    self.blocks = nnx.List(blocks)
+    self.final_bn = layers.batch_norm(cin, rngs=rngs)
+    self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Returns the logits (B, num_classes) for images (B, H, W, C)."""
+    x = self.stem_conv(x_BxHxWxC)
+    for block in self.blocks:
+      x = block(x)
+    x = nnx.relu(self.final_bn(x))
+    return self.fc(_global_avg_pool(x))
+
+
+_RESNET_WIDTHS = (16, 16, 32, 64)
+_RESNET_X4_WIDTHS = (32, 64, 128, 256)
+
+_MODELS: dict[str, Callable[..., nnx.Module]] = {
+    "dsconv_student": DSConvStudent,
+    **{
+        f"resnet{depth}": functools.partial(CifarResNet, depth=depth, widths=_RESNET_WIDTHS)
+        for depth in (8, 14, 20, 32, 44, 56, 110)
+    },
+    "resnet8x4": functools.partial(CifarResNet, depth=8, widths=_RESNET_X4_WIDTHS),
+    "resnet32x4": functools.partial(CifarResNet, depth=32, widths=_RESNET_X4_WIDTHS),
+    **{
+        f"wrn_{depth}_{k}": functools.partial(WideResNet, depth=depth, widen_factor=k)
+        for depth in (16, 40)
+        for k in (1, 2)
+    },
+}
+
+# Models whose constructor takes a width_multiplier; the rest have the fixed
+# published widths, so their parameter counts stay comparable to the papers.
+_SCALABLE = frozenset({"dsconv_student"})
+
+
+def model_names() -> list[str]:
+  """Returns the names `create_model` accepts, sorted."""
+  return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_channels: int = 3,
+    rngs: nnx.Rngs,
+    width_multiplier: float = 1.0,
+) -> nnx.Module:
+  """Builds a registered model, in training mode.
+
+  Args:
+    name: one of `model_names()`.
+    num_classes: number of output logits.
+    in_channels: number of input image channels.
+    rngs: random key source for the parameter inits.
+    width_multiplier: channel scale; only dsconv_student accepts values other
+      than 1.
+
+  Returns:
+    The model, mapping float32 images (B, H, W, C) to logits (B, num_classes).
+
+  Raises:
+    UserInputError: for an unknown name, or a width_multiplier other than 1
+      for a model with fixed widths.
+  """
+  if name not in _MODELS:
+    raise UserInputError(f'unknown model {name!r}; known models: {", ".join(model_names())}')
+  kwargs = {}
+  if name in _SCALABLE:
+    kwargs["width_multiplier"] = width_multiplier
+  elif width_multiplier != 1.0:
+    raise UserInputError(
+        f"model {name!r} has fixed widths; width_multiplier="
+        f'{width_multiplier} applies only to: {", ".join(sorted(_SCALABLE))}'
+    )
+  return _MODELS[name](num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Returns the number of trainable scalars (nnx.Param), like PyTorch's count.
+
+  BatchNorm running statistics are nnx.BatchStat, not nnx.Param, so they are
+  left out, as PyTorch leaves out its buffers. Works on abstract models from
+  `nnx.eval_shape` too.
+  """
+  return sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))

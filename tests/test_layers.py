@@ -1,0 +1,120 @@
+"""Tests for kd_jax.layers: the fast conv paths against XLA's convolutions."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kd_jax import layers
+
+_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _normal(shape, seed=0):
+  # NumPy, not jax.random: compiling a sampler per shape dominates test time.
+  return np.random.default_rng(seed).standard_normal(shape, np.float32)
+
+
+def _cotangent(shape):
+  """A fixed random output weighting, so grads test every output element."""
+  return _normal(shape, seed=2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _values_and_grads(conv, x, kernel, stride):
+  """Returns conv's output and the grads of a random projection of it."""
+  out = conv(x, kernel, stride)
+  cotangent = _cotangent(out.shape)
+  grads = jax.grad(lambda x, k: jnp.sum(conv(x, k, stride) * cotangent), argnums=(0, 1))(x, kernel)
+  return out, grads
+
+
+def _assert_same_values_and_grads(conv_a, conv_b, x, kernel, stride):
+  out_a, (dx_a, dk_a) = _values_and_grads(conv_a, x, kernel, stride)
+  out_b, (dx_b, dk_b) = _values_and_grads(conv_b, x, kernel, stride)
+  assert out_a.shape == out_b.shape
+  np.testing.assert_allclose(out_a, out_b, **_TOL)
+  np.testing.assert_allclose(dx_a, dx_b, **_TOL)
+  np.testing.assert_allclose(dk_a, dk_b, **_TOL)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("size", [7, 8])
+def test_depthwise_shifted_matches_grouped_conv(stride, size):
+  x = _normal((2, size, size + 1, 5))
+  kernel = _normal((3, 3, 1, 5), seed=1)
+  _assert_same_values_and_grads(
+      layers.depthwise_conv_shifted,
+      layers.depthwise_conv_grouped,
+      x,
+      kernel,
+      stride,
+  )
+
+
+def test_depthwise_output_shape_matches_pytorch_padding_1():
+  x = jnp.zeros((1, 7, 8, 3))
+  kernel = jnp.zeros((3, 3, 1, 3))
+  # PyTorch: floor((H + 2*1 - 3) / s) + 1.
+  assert layers.depthwise_conv_shifted(x, kernel, 2).shape == (1, 4, 4, 3)
+
+
+def test_depthwise_module_matches_grouped_conv_and_nnx_conv_init():
+  layer = layers.DepthwiseConv(4, strides=2, rngs=nnx.Rngs(0))
+  reference = nnx.Conv(4, 4, (3, 3), feature_group_count=4, use_bias=False, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
+  x = _normal((2, 9, 9, 4))
+  expected = layers.depthwise_conv_grouped(x, layer.kernel[...], 2)
+  np.testing.assert_allclose(layer(x), expected, **_TOL)
+  uses_xla_conv = "conv_general_dilated" in str(jax.make_jaxpr(layer)(x))
+  assert uses_xla_conv == (jax.default_backend() != "cpu")
+
+
+def _pointwise_via_lax(x, kernel, stride):
+  return jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(stride, stride),
+      padding="VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_matches_lax_conv(stride):
+  layer = layers.PointwiseConv(5, 3, strides=stride, rngs=nnx.Rngs(0))
+  x = _normal((2, 7, 6, 5))
+  kernel = layer.kernel[...]
+  expected, (dx_expected, dk_expected) = _values_and_grads(_pointwise_via_lax, x, kernel, stride)
+  np.testing.assert_allclose(layer(x), expected, **_TOL)
+
+  cotangent = _cotangent(expected.shape)
+  grads, dx = nnx.grad(lambda layer, x: jnp.sum(layer(x) * cotangent), argnums=(0, 1))(layer, x)
+  np.testing.assert_allclose(dx, dx_expected, **_TOL)
+  np.testing.assert_allclose(grads["kernel"][...], dk_expected, **_TOL)
+
+
+def test_pointwise_init_and_size_match_nnx_conv():
+  layer = layers.PointwiseConv(6, 4, rngs=nnx.Rngs(0))
+  reference = nnx.Conv(6, 4, (1, 1), use_bias=False, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
+
+
+def test_dsconv_shape_and_batch_norm_settings():
+  block = layers.DSConv(3, 8, strides=2, rngs=nnx.Rngs(0))
+  out = block(jnp.ones((2, 9, 9, 3)))
+  assert out.shape == (2, 5, 5, 8)
+  assert (out >= 0).all()
+  assert block.bn1.momentum == 0.9 and block.bn1.epsilon == 1e-5
+
+
+@pytest.mark.parametrize("block_cls", [layers.BasicBlock, layers.WideBasicBlock])
+@pytest.mark.parametrize("cin, cout, stride, has_shortcut", [(4, 4, 1, False), (4, 8, 2, True)])
+def test_residual_blocks(block_cls, cin, cout, stride, has_shortcut):
+  block = block_cls(cin, cout, strides=stride, rngs=nnx.Rngs(0))
+  assert (block.shortcut is not None) == has_shortcut
+  out = block(_normal((2, 8, 8, cin)))
+  assert out.shape == (2, 8 // stride, 8 // stride, cout)

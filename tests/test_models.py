@@ -1,0 +1,145 @@
+"""Tests for kd_jax.models: shapes, parameter counts, registry, train/eval."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kd_jax import models
+from kd_jax.errors import UserInputError
+
+
+def _normal(shape):
+  # NumPy, not jax.random: compiling a sampler per shape dominates test time.
+  return np.random.default_rng(0).standard_normal(shape, np.float32)
+
+
+def _abstract_model(name, **kwargs):
+  """Builds `name` without allocating or initialising its parameters."""
+  return nnx.eval_shape(lambda: models.create_model(name, rngs=nnx.Rngs(0), **kwargs))
+
+
+@pytest.mark.parametrize("name", models.model_names())
+def test_output_shape(name):
+  model = _abstract_model(name, num_classes=7)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  logits = nnx.eval_shape(lambda m, x: m(x), model, x)
+  assert logits.shape == (2, 7)
+  assert logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("name", ["dsconv_student", "resnet8", "wrn_16_1"])
+def test_small_models_run_on_8x8_inputs(name):
+  model = models.create_model(name, num_classes=10, in_channels=1, rngs=nnx.Rngs(0))
+  logits = model(_normal((2, 8, 8, 1)))
+  assert logits.shape == (2, 10)
+  assert jnp.isfinite(logits).all()
+
+
+# Published sizes, rounded as published, with the classifier head they hold
+# for: resnet20's 0.27M and wrn_40_2's 2.2M are CIFAR-10 figures (with 100
+# classes: 0.28M, 2.26M); wrn_16_2's 0.70M is a CIFAR-100 one (0.69M with 10
+# classes); the others round the same either way.
+@pytest.mark.parametrize(
+    "name, num_classes, published_millions, digits",
+    [
+        ("resnet20", 10, 0.27, 2),
+        ("resnet56", 100, 0.86, 2),
+        ("resnet110", 100, 1.7, 1),
+        ("wrn_40_2", 10, 2.2, 1),
+        ("wrn_16_2", 100, 0.70, 2),
+        ("resnet8x4", 100, 1.2, 1),
+        ("resnet32x4", 100, 7.4, 1),
+    ],
+)
+def test_param_counts_match_published(name, num_classes, published_millions, digits):
+  count = models.count_params(_abstract_model(name, num_classes=num_classes))
+  assert round(count / 1e6, digits) == published_millions
+
+
+def _dsconv_params(cin, cout):
+  depthwise = 3 * 3 * cin
+  pointwise = cin * cout
+  batch_norms = 2 * cin + 2 * cout  # scale and bias each
+  return depthwise + pointwise + batch_norms
+
+
+def test_student_param_count_pins_architecture():
+  expected = (
+      _dsconv_params(3, 64) + _dsconv_params(64, 128) + _dsconv_params(128, 256) + 256 * 10 + 10
+  )
+  assert expected == 46763
+  model = _abstract_model("dsconv_student", num_classes=10)
+  assert models.count_params(model) == expected
+
+
+def test_student_width_multiplier_rounds_channels():
+  model = _abstract_model("dsconv_student", num_classes=10, width_multiplier=0.3)
+  # 64, 128, 256 times 0.3, rounded: 19, 38, 77.
+  assert models.count_params(model) == (
+      _dsconv_params(3, 19) + _dsconv_params(19, 38) + _dsconv_params(38, 77) + 77 * 10 + 10
+  )
+
+
+def test_width_multiplier_rejected_for_fixed_width_models():
+  with pytest.raises(UserInputError, match="resnet20.*dsconv_student"):
+    models.create_model("resnet20", num_classes=10, rngs=nnx.Rngs(0), width_multiplier=0.5)
+  with pytest.raises(UserInputError, match="positive"):
+    models.create_model("dsconv_student", num_classes=10, rngs=nnx.Rngs(0), width_multiplier=0)
+
+
+def test_unknown_model_lists_known_names():
+  with pytest.raises(UserInputError) as excinfo:
+    models.create_model("resnet21", num_classes=10, rngs=nnx.Rngs(0))
+  message = str(excinfo.value)
+  assert "'resnet21'" in message
+  assert ", ".join(models.model_names()) in message
+  assert "\n" not in message
+
+
+def test_model_names_sorted_and_complete():
+  names = models.model_names()
+  assert names == sorted(names)
+  assert {
+      "dsconv_student",
+      "resnet8",
+      "resnet14",
+      "resnet20",
+      "resnet32",
+      "resnet44",
+      "resnet56",
+      "resnet110",
+      "resnet8x4",
+      "resnet32x4",
+      "wrn_16_2",
+      "wrn_40_2",
+  } <= set(names)
+
+
+def _batch_stats(model):
+  stats = nnx.state(model, nnx.BatchStat)
+  return [np.asarray(s) for s in jax.tree.leaves(stats)]
+
+
+def test_train_mode_updates_batch_stats_and_eval_mode_does_not():
+  # The shapes of test_small_models_run_on_8x8_inputs, to reuse compilations.
+  model = models.create_model("dsconv_student", num_classes=10, in_channels=1, rngs=nnx.Rngs(0))
+  x = _normal((2, 8, 8, 1)) + 1.0
+  initial = _batch_stats(model)
+
+  # New models train, like PyTorch modules.
+  model(x)
+  trained = _batch_stats(model)
+  assert all(not np.allclose(a, b) for a, b in zip(initial, trained))
+
+  model.eval()
+  logits = model(x)
+  for a, b in zip(trained, _batch_stats(model)):
+    np.testing.assert_array_equal(a, b)
+  # Running statistics make each example's logits independent of its batch.
+  np.testing.assert_allclose(model(x[:1]), logits[:1], rtol=1e-5, atol=1e-5)
+
+  model.train()
+  model(x)
+  assert all(not np.allclose(a, b) for a, b in zip(trained, _batch_stats(model)))

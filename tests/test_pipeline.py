@@ -1,0 +1,142 @@
+"""The whole pipeline on the quickstart config, shrunk to a few epochs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import quickstart
+from kd_jax import pipeline
+from kd_jax.errors import UserInputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_KEYS = {"top1", "top5", "params", "param_bytes", "flops", "latency_ms", "throughput"}
+COMPARISON_KEYS = {
+    "size_reduction",
+    "speedup_latency",
+    "speedup_throughput",
+    "agreement",
+    "kd_gain",
+}
+
+
+def small_config(**student_overrides):
+  config = quickstart.get_config()
+  config.teacher.epochs = 4
+  config.student.epochs = 8
+  config.student.update(student_overrides)
+  # Labels carry no weight: whatever the student learns, it learns from the teacher.
+  config.distill.alpha = 1.0
+  config.eval.latency_repeats = 3
+  config.eval.throughput_repeats = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("kd"))
+  return workdir, pipeline.train_and_evaluate(small_config(), workdir)
+
+
+def test_report_has_every_field(run):
+  workdir, report = run
+  with open(os.path.join(workdir, "report.json")) as f:
+    on_disk = json.load(f)
+  assert on_disk == json.loads(json.dumps(report))
+  for name in ("teacher", "student", "baseline"):
+    assert MODEL_KEYS <= set(on_disk[name]), name
+    assert 0.0 <= on_disk[name]["top1"] <= on_disk[name]["top5"] <= 1.0
+    assert on_disk[name]["flops"] > 0 and on_disk[name]["latency_ms"] > 0
+  assert set(on_disk["comparison"]) >= COMPARISON_KEYS
+  assert on_disk["teacher"]["params"] > on_disk["student"]["params"]
+  assert on_disk["comparison"]["size_reduction"] == pytest.approx(
+      on_disk["teacher"]["param_bytes"] / on_disk["student"]["param_bytes"]
+  )
+  assert on_disk["comparison"]["kd_gain"] == pytest.approx(
+      on_disk["student"]["top1"] - on_disk["baseline"]["top1"]
+  )
+  with open(os.path.join(workdir, "report.md")) as f:
+    markdown = f.read()
+  assert "| top-1 |" in markdown and "KD gain" in markdown
+
+
+def test_distillation_alone_teaches_the_student(run):
+  _, report = run
+  assert report["teacher"]["top1"] > 0.9
+  # alpha = 1: the student never saw a label, yet it is far above chance (0.1).
+  assert report["student"]["top1"] > 0.6
+  assert report["comparison"]["agreement"] > 0.6
+
+
+def test_each_stage_writes_metrics_tensorboard_and_checkpoints(run):
+  workdir, _ = run
+  for stage, epochs in (("teacher", 4), ("student", 8), ("baseline", 8)):
+    with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
+      lines = [json.loads(line) for line in f]
+    assert [line["epoch"] for line in lines] == list(range(1, epochs + 1))
+    assert all("loss" in line and "test_top1" in line for line in lines)
+    events = os.listdir(os.path.join(workdir, stage, "tensorboard"))
+    assert any(name.startswith("events.out.tfevents") for name in events)
+    assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
+  with open(os.path.join(workdir, "student", "metrics.jsonl")) as f:
+    assert "kl" in json.loads(f.readline())
+
+
+def test_rerun_restores_finished_stages(run):
+  workdir, report = run
+  again = pipeline.train_and_evaluate(small_config(), workdir)
+  for name in ("teacher", "student", "baseline"):
+    assert again[name]["top1"] == report[name]["top1"]
+
+
+def test_a_trained_teacher_serves_another_student(run, tmp_path):
+  workdir, report = run
+  config = small_config(epochs=1)
+  config.teacher.checkpoint = os.path.join(workdir, "teacher")
+  config.baseline.enabled = False
+  reused = pipeline.train_and_evaluate(config, str(tmp_path))
+  assert reused["teacher"]["top1"] == report["teacher"]["top1"]
+  assert not os.path.exists(tmp_path / "teacher")
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("model", "resnet20", "holds a 'resnet8'"),
+        ("checkpoint", "/nonexistent/teacher", "does not exist"),
+    ],
+)
+def test_bad_teacher_checkpoint(run, tmp_path, field, value, message):
+  workdir, _ = run
+  config = small_config()
+  config.teacher.checkpoint = os.path.join(workdir, "teacher")
+  config.teacher[field] = value
+  with pytest.raises(UserInputError, match=message):
+    pipeline.train_and_evaluate(config, str(tmp_path))
+
+
+def _launch(*args):
+  return subprocess.run(
+      [sys.executable, "launch.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+
+
+@pytest.mark.parametrize(
+    "args,culprit",
+    [
+        (["--config.student.model=resnet21"], "resnet21"),
+        (["--config.distill.temprature=4"], "temprature"),
+        (
+            ["--config.data.source=folder", "--config.data.dir=/nonexistent/tree"],
+            "/nonexistent/tree",
+        ),
+        (["--config.teacher.batch_size=5000"], "teacher.batch_size"),
+    ],
+)
+def test_bad_input_is_one_line_and_no_traceback(tmp_path, args, culprit):
+  result = _launch("--config=configs/quickstart.py", f"--workdir={tmp_path}", *args)
+  assert result.returncode != 0
+  assert culprit in result.stderr
+  assert "Traceback" not in result.stderr

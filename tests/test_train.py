@@ -1,0 +1,86 @@
+"""The train step: pure, compiled once, teacher frozen, reproducible order."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import default
+from kd_jax import optim, parallel, schedules, train
+from kd_jax.data import Dataset
+from kd_jax.data.augment import get_augmentation
+from kd_jax.network import create_network
+
+
+@pytest.fixture(scope="module")
+def setup():
+  rng = np.random.default_rng(0)
+  dataset = Dataset(
+      rng.integers(0, 256, (64, 8, 8, 1), np.uint8),
+      rng.integers(0, 10, 64),
+      rng.integers(0, 256, (16, 8, 8, 1), np.uint8),
+      rng.integers(0, 10, 16),
+      tuple(str(i) for i in range(10)),
+  )
+  mesh = parallel.make_mesh()
+  return dataset, mesh, train.put_on_device(dataset, mesh)
+
+
+def _copy(tree):
+  return jax.tree.map(np.array, jax.device_get(tree))
+
+
+def test_distillation_step_updates_student_and_leaves_teacher_untouched(setup):
+  _, mesh, data = setup
+  shapes = dict(num_classes=10, in_channels=1, seed=0)
+  student, student_variables = create_network("dsconv_student", width_multiplier=0.25, **shapes)
+  teacher, teacher_variables = create_network("resnet8", **shapes)
+  teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
+  config = default.get_config()
+  optimizer = optim.make_optimizer(config.student.optimizer, steps_per_epoch=4, epochs=1)
+  step = train.make_train_step(
+      student,
+      optimizer,
+      data,
+      augmentation=get_augmentation("crop_flip"),
+      seed=0,
+      mesh=mesh,
+      teacher=teacher,
+      alpha=0.5,
+      temperature_fn=schedules.temperature_schedule(config.distill, 4, 1),
+  )
+  state = jax.device_put(
+      train.TrainState(np.int32(0), student_variables, optimizer.init(student_variables.params)),
+      parallel.replicated(mesh),
+  )
+  student_before, teacher_before = _copy(state.variables), _copy(teacher_variables)
+  gather = train.make_gather(mesh)
+
+  for indices in train.epoch_indices(0, 0, data.num_train, 16):
+    batch = gather({"image": data.train_images, "label": data.train_labels}, indices)
+    state, metrics = step(state, batch, teacher_variables)
+
+  assert int(state.step) == 4
+  assert step._cache_size() == 1  # four steps, one compilation
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert float(metrics["temperature"]) == config.distill.temperature
+  changed = jax.tree.map(
+      lambda a, b: not np.array_equal(a, b), student_before.params, _copy(state.variables.params)
+  )
+  assert all(jax.tree.leaves(changed))
+  stats_changed = jax.tree.map(
+      lambda a, b: not np.array_equal(a, b),
+      student_before.batch_stats,
+      _copy(state.variables.batch_stats),
+  )
+  assert all(jax.tree.leaves(stats_changed))
+  unchanged = jax.tree.map(np.array_equal, teacher_before, _copy(teacher_variables))
+  assert all(jax.tree.leaves(unchanged))
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+  first = train.epoch_indices(3, 5, 100, 32)
+  assert first.shape == (3, 32)
+  np.testing.assert_array_equal(first, train.epoch_indices(3, 5, 100, 32))
+  assert len(np.unique(first)) == 96  # no example twice in an epoch
+  assert not np.array_equal(first, train.epoch_indices(3, 6, 100, 32))
+  assert not np.array_equal(first, train.epoch_indices(4, 5, 100, 32))
