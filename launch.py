@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from kd_jax import pipeline
-from kd_jax.errors import UserInputError
+from kd_jax.errors import KDJaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -25,9 +25,9 @@ _WORKDIR = flags.DEFINE_string(
 )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, exit_code: int = 1) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
+  sys.exit(exit_code)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -55,8 +55,8 @@ def main(argv):
   )
   try:
     pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except UserInputError as e:
-    _fail(str(e))
+  except KDJaxError as e:
+    _fail(str(e), e.exit_code)
 
 
 if __name__ == "__main__":

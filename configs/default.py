@@ -82,6 +82,14 @@ def get_config() -> ml_collections.ConfigDict:
   # so that the report measures what distillation gained.
   config.baseline = ml_collections.ConfigDict(dict(enabled=True))
 
+  config.checkpoint = ml_collections.ConfigDict(
+      dict(
+          every_steps=500,  # also save every this many steps (0: only at epoch ends)
+          keep=3,  # newest checkpoints kept per stage, plus the best by test top-1
+          allow_config_change=False,  # resume a workdir written with a different config
+      )
+  )
+
   config.eval = ml_collections.ConfigDict(
       dict(
           batch_size=256,  # evaluation and throughput batch

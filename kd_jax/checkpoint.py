@@ -4,18 +4,24 @@ Each checkpoint holds three items, so a teacher can be restored without
 knowing the optimizer it was trained with:
   model  the Variables (params and batch statistics)
   train  the step and the optimizer state
-  meta   JSON: model name, class count, epochs done, per-epoch history
+  meta   JSON: model name, class count, epochs done, per-epoch history, ...
+
+Orbax writes each checkpoint into a temporary folder and renames it when
+complete, so a run killed mid-write leaves nothing that is taken for whole.
 """
 
 import os
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from kd_jax.errors import UserInputError
 from kd_jax.network import Variables
 
 CHECKPOINTS = "checkpoints"
+BEST_METRIC = "test_top1"
 
 
 def _abstract(tree):
@@ -26,25 +32,32 @@ def _abstract(tree):
 class StageCheckpoints:
   """The checkpoints of one stage, in <stage_dir>/checkpoints/<step>/.
 
-  Saving is asynchronous: `save` returns once the arrays are copied off the
-  devices, and the files are written while training goes on.
+  Keeps the newest `keep` checkpoints plus the best by test accuracy. Saving
+  is asynchronous: `save` returns once the arrays are copied off the devices,
+  and the files are written while training goes on.
   """
 
   def __init__(self, stage_dir: str, keep: int = 3):
     self.directory = os.path.join(os.path.abspath(stage_dir), CHECKPOINTS)
+    preserve = policies.AnyPreservationPolicy(
+        [
+            policies.LatestN(n=keep),
+            policies.BestN(
+                get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                n=1,
+                keep_checkpoints_without_metrics=False,
+            ),
+        ]
+    )
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=True
+            create=True, enable_async_checkpointing=True, preservation_policy=preserve
         ),
     )
 
-  def latest_step(self) -> int | None:
-    """The newest complete checkpoint's step, or None."""
-    return self._manager.latest_step()
-
-  def save(self, step: int, variables: Variables, train: dict, meta: dict) -> None:
-    """Starts writing a checkpoint of `step`."""
+  def save(self, step: int, variables: Variables, train: dict, meta: dict, test_top1=None) -> None:
+    """Starts writing a checkpoint of `step`; `test_top1` ranks epoch ends."""
     self._manager.save(
         step,
         args=ocp.args.Composite(
@@ -52,22 +65,59 @@ class StageCheckpoints:
             train=ocp.args.StandardSave(train),
             meta=ocp.args.JsonSave(meta),
         ),
+        metrics=None if test_top1 is None else {BEST_METRIC: test_top1},
     )
 
-  def restore(self, step: int, variables: Variables, train: dict):
-    """Restores `step` into the structure and shardings of the given templates.
+  def restore_latest(self, variables: Variables, train: dict):
+    """The newest checkpoint that reads back whole, or None if there is none.
 
-    Returns (variables, train, meta).
+    `variables` and `train` are templates giving structure and shardings (the
+    current mesh's, so a checkpoint from another device layout fits). A
+    damaged checkpoint is named in a warning and the one before it used; the
+    damaged folder is then renamed to <step>.damaged, kept for inspection,
+    so that training can write that step again. Returns (variables, train, meta).
     """
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(variables)),
-            train=ocp.args.StandardRestore(_abstract(train)),
-            meta=ocp.args.JsonRestore(),
-        ),
-    )
-    return restored.model, restored.train, restored.meta
+    damaged = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(_abstract(variables)),
+                train=ocp.args.StandardRestore(_abstract(train)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+      except Exception as e:  # pylint: disable=broad-except
+        # Truncated or overwritten files fail in many ways (JSON, TensorStore, shapes).
+        logging.warning(
+            "checkpoint %s/%d is damaged (%s); trying the one before it",
+            self.directory,
+            step,
+            str(e).splitlines()[0] if str(e) else type(e).__name__,
+        )
+        damaged.append(step)
+        continue
+      for bad in damaged:
+        os.rename(
+            os.path.join(self.directory, str(bad)), os.path.join(self.directory, f"{bad}.damaged")
+        )
+      self._manager.reload()
+      return restored.model, restored.train, restored.meta
+    if damaged:
+      raise UserInputError(
+          f"every checkpoint in {self.directory} is damaged ({damaged}); move the folder "
+          f"away to start the stage afresh"
+      )
+    return None
+
+  def latest_step(self) -> int | None:
+    """The newest complete checkpoint's step, or None."""
+    return self._manager.latest_step()
+
+  def wait(self) -> None:
+    """Blocks until pending writes are on disk."""
+    self._manager.wait_until_finished()
 
   def close(self) -> None:
     """Waits for pending writes, then releases the manager."""
@@ -75,11 +125,8 @@ class StageCheckpoints:
     self._manager.close()
 
 
-def read_meta(path: str) -> tuple[str, int, dict]:
-  """Finds a stage's newest checkpoint under `path`; returns (dir, step, meta).
-
-  `path` may be a stage folder or its checkpoints/ folder.
-  """
+def _find_checkpoints(path: str) -> str:
+  """A stage folder or its checkpoints/ folder -> the checkpoints/ folder."""
   directory = os.path.abspath(path)
   if os.path.isdir(os.path.join(directory, CHECKPOINTS)):
     directory = os.path.join(directory, CHECKPOINTS)
@@ -88,35 +135,37 @@ def read_meta(path: str) -> tuple[str, int, dict]:
         f"checkpoint path {path!r} does not exist; point it at a kd_jax "
         f"stage folder such as WORKDIR/teacher"
     )
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
-  step = manager.latest_step()
-  if step is None:
-    raise UserInputError(
-        f"no complete checkpoint in {directory!r}; point it at a kd_jax "
-        f"stage folder such as WORKDIR/teacher"
-    )
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  manager.close()
-  return directory, step, meta
+  return directory
 
 
-def restore_variables(path: str, variables: Variables) -> tuple[Variables, dict]:
-  """Restores only the model arrays of a stage's newest checkpoint.
+def restore_variables(path: str, variables: Variables, check_meta) -> tuple[Variables, dict]:
+  """Restores only the model arrays of the newest checkpoint under `path`.
 
-  `variables` gives the expected structure and shardings. Returns
-  (variables, meta).
+  `path` is a stage folder or its checkpoints/ folder; `variables` gives the
+  expected structure and shardings. `check_meta(meta)` runs before the arrays
+  are read, to refuse a checkpoint of another model with a clear message.
+  Returns (variables, meta).
   """
-  directory, step, meta = read_meta(path)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  directory = _find_checkpoints(path)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
   try:
-    restored = manager.restore(
-        step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(variables)))
-    )
-  except (ValueError, KeyError) as e:
-    raise UserInputError(
-        f"checkpoint {directory}/{step} does not fit model "
-        f"{meta.get('model')!r}: {str(e).splitlines()[0]}"
-    ) from e
+    step = manager.latest_step()
+    if step is None:
+      raise UserInputError(
+          f"no complete checkpoint in {directory!r}; point it at a kd_jax "
+          f"stage folder such as WORKDIR/teacher"
+      )
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    check_meta(meta)
+    try:
+      restored = manager.restore(
+          step, args=ocp.args.Composite(model=ocp.args.StandardRestore(_abstract(variables)))
+      )
+    except (ValueError, KeyError) as e:
+      raise UserInputError(
+          f"checkpoint {directory}/{step} does not fit model "
+          f"{meta.get('model')!r}: {str(e).splitlines()[0]}"
+      ) from e
   finally:
     manager.close()
   return restored.model, meta

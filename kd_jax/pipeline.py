@@ -4,6 +4,7 @@ Each stage works in its own folder of the workdir (<workdir>/teacher,
 /student, /baseline), so a rerun resumes where the last one stopped.
 """
 
+import json
 import os
 
 import jax
@@ -15,6 +16,7 @@ from kd_jax.errors import UserInputError
 from kd_jax.network import Network, Variables, create_network
 
 METHODS = ("kd",)
+CONFIG_FILE = "config.json"
 
 
 def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
@@ -31,29 +33,75 @@ def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
           f"unknown {stage}.model {config[stage].model!r}; known models: "
           f"{', '.join(models.model_names())}"
       )
-  parallel.check_batch_size(config.eval.batch_size, "eval.batch_size", mesh)
-  for stage in ("teacher", "student"):
     parallel.check_batch_size(config[stage].batch_size, f"{stage}.batch_size", mesh)
+  parallel.check_batch_size(config.eval.batch_size, "eval.batch_size", mesh)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  """{"a": {"b": 1}} -> {"a.b": 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses to resume a workdir that a different config wrote.
+
+  Checkpoints of another model, dataset or method would be restored into the
+  wrong run. Evaluation and checkpoint settings do not change results and may
+  differ; anything else needs checkpoint.allow_config_change=true.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  current = json.loads(config.to_json())
+  if os.path.exists(path) and not config.checkpoint.allow_config_change:
+    with open(path) as f:
+      before = _flatten(json.load(f))
+    now = _flatten(current)
+    differing = sorted(
+        key
+        for key in set(before) | set(now)
+        if before.get(key) != now.get(key) and not key.startswith(("checkpoint.", "eval."))
+    )
+    if differing:
+      shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differing[:5])
+      raise UserInputError(
+          f"workdir {workdir} was written by a different config: {shown}; use another "
+          f"workdir, or --config.checkpoint.allow_config_change=true to continue anyway"
+      )
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(current, f, indent=2)
 
 
 def _restore_teacher(
-    path: str, network: Network, variables: Variables, model_name: str, num_classes: int
+    path: str, variables: Variables, model_name: str, num_classes: int
 ) -> tuple[Variables, dict]:
   """A trained teacher from another run's stage folder, checked against the data."""
-  _, _, meta = checkpoint.read_meta(path)
-  if meta["model"] != model_name:
-    raise UserInputError(
-        f"teacher checkpoint {path!r} holds a {meta['model']!r}, not "
-        f"teacher.model={model_name!r}; set --config.teacher.model="
-        f"{meta['model']}"
-    )
-  if meta["num_classes"] != num_classes:
-    raise UserInputError(
-        f"teacher checkpoint {path!r} predicts {meta['num_classes']} "
-        f"classes but the dataset has {num_classes}; use a teacher "
-        f"trained on this dataset"
-    )
-  return checkpoint.restore_variables(path, variables)
+
+  def check_meta(meta: dict) -> None:
+    if meta["model"] != model_name:
+      raise UserInputError(
+          f"teacher checkpoint {path!r} holds a {meta['model']!r}, not "
+          f"teacher.model={model_name!r}; set --config.teacher.model={meta['model']}"
+      )
+    if meta["num_classes"] != num_classes:
+      raise UserInputError(
+          f"teacher checkpoint {path!r} predicts {meta['num_classes']} classes but the "
+          f"dataset has {num_classes}; use a teacher trained on this dataset"
+      )
+    if len(meta["history"]) < meta["epochs"]:
+      logging.warning(
+          "teacher checkpoint %s has %d of its %d epochs done; using it as it is",
+          path,
+          len(meta["history"]),
+          meta["epochs"],
+      )
+
+  return checkpoint.restore_variables(path, variables, check_meta)
 
 
 def _summarise(
@@ -88,6 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh()
   _check_config(config, mesh)
   os.makedirs(workdir, exist_ok=True)
+  _check_workdir_config(config, workdir)
   dataset = data.load_dataset(config.data)
   logging.info(
       "devices: %d x %s; global batch teacher %d, student %d (per device %d, %d)",
@@ -110,7 +159,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
     teacher_variables, meta = _restore_teacher(
         config.teacher.checkpoint,
-        teacher,
         teacher_variables,
         config.teacher.model,
         dataset.num_classes,
@@ -167,8 +215,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         jax.jit(forward), run.variables, device_data, gather, dataset.image_shape, config.eval
     )
     predictions[name] = logits.argmax(-1)
+    best = max(run.history, key=lambda epoch: epoch["test_top1"])
     results[name] = {
         **entry,
+        "best_top1": best["test_top1"],
+        "best_epoch": best["epoch"],
         "epochs": len(run.history),
         "wall_time_s": run.wall_time_s,
         "model": network.name,

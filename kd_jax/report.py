@@ -4,7 +4,9 @@ import json
 import os
 
 MODEL_FIELDS = (  # (key, column title, format)
-    ("top1", "top-1", "{:.4f}"),
+    ("top1", "top-1 (last epoch)", "{:.4f}"),
+    ("best_top1", "top-1 (best epoch)", "{:.4f}"),
+    ("best_epoch", "best epoch", "{}"),
     ("top5", "top-5", "{:.4f}"),
     ("params", "params", "{:,}"),
     ("param_bytes", "param bytes", "{:,}"),

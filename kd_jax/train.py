@@ -6,8 +6,11 @@ sits in device memory as uint8; a step receives only the batch gathered from
 it, so no image crosses from the host after the first copy.
 """
 
+import contextlib
 import dataclasses
 import functools
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -23,7 +26,7 @@ from kd_jax import evaluate, logs, losses, optim, parallel, schedules
 from kd_jax.checkpoint import StageCheckpoints
 from kd_jax.data import Dataset
 from kd_jax.data import augment as augment_lib
-from kd_jax.errors import UserInputError
+from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
 from kd_jax.network import Network, Variables
 
 
@@ -46,6 +49,7 @@ class DeviceData:
   test_labels: np.ndarray
   mean_C: np.ndarray
   std_C: np.ndarray
+  num_classes: int
 
   @property
   def num_train(self) -> int:
@@ -63,6 +67,7 @@ def put_on_device(dataset: Dataset, mesh) -> DeviceData:
       dataset.test_labels.astype(np.int32),
       mean_C,
       std_C,
+      dataset.num_classes,
   )
 
 
@@ -139,37 +144,67 @@ def epoch_indices(seed: int, epoch: int, count: int, batch_size: int) -> np.ndar
   return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
-def run_epoch(
-    train_step: Callable,
-    state: TrainState,
-    teacher_variables,
-    data: DeviceData,
-    gather: Callable,
-    indices_SxB: np.ndarray,
-    progress: tqdm,
-):
-  """Runs one epoch of steps; returns the new state and the epoch's mean metrics.
+class RunningMetrics:
+  """Sums of the step metrics of the current epoch, pulled from the device in chunks.
 
-  Metrics stay on the device. The progress bar shows the previous step's,
-  which has finished by then, so reading them never drains the step queue.
+  Steps are dispatched ahead of the host; `flush(keep=1)` fetches all but the
+  newest step's metrics, which have finished by then, so reading them never
+  drains the queue. Each fetched loss is checked: a NaN or infinite one
+  stops the stage before anything is saved.
   """
-  step_metrics = []
-  start = time.perf_counter()
-  for i, indices_B in enumerate(indices_SxB):
-    batch = gather({"image": data.train_images, "label": data.train_labels}, indices_B)
-    state, metrics = train_step(state, batch, teacher_variables)
-    step_metrics.append(metrics)
-    if i % 10 == 1:
-      shown = jax.device_get(step_metrics[-2])
-      progress.set_postfix(
-          loss=f"{shown['loss']:.3f}",
-          acc=f"{shown['accuracy']:.3f}",
-          img_s=f"{i * indices_SxB.shape[1] / (time.perf_counter() - start):.0f}",
-          refresh=False,
-      )
-    progress.update(1)
-  means = jax.device_get(jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *step_metrics))
-  return state, {name: float(value) for name, value in means.items()}
+
+  def __init__(self, sums: dict | None = None, count: int = 0):
+    self.sums, self.count = dict(sums or {}), count
+    self._pending = []  # (step, metrics on the device)
+    self.last = {}
+
+  def add(self, step: int, metrics: dict) -> None:
+    """Queues the metrics of `step` (1-based global step)."""
+    self._pending.append((step, metrics))
+
+  def flush(self, keep: int = 0) -> None:
+    """Adds all but the newest `keep` queued steps to the sums."""
+    ready = self._pending[: len(self._pending) - keep]
+    self._pending = self._pending[len(ready) :]
+    for step, metrics in jax.device_get(ready):
+      if not np.isfinite(metrics["loss"]):
+        raise NonFiniteLoss(step, float(metrics["loss"]))
+      for name, value in metrics.items():
+        self.sums[name] = self.sums.get(name, 0.0) + float(value)
+      self.count += 1
+      self.last = metrics
+
+  def means(self) -> dict:
+    """Mean of each metric over the epoch's steps so far."""
+    return {name: total / self.count for name, total in self.sums.items()}
+
+
+class NonFiniteLoss(Exception):
+  """Raised by RunningMetrics; train_stage turns it into TrainingDiverged."""
+
+  def __init__(self, step: int, loss: float):
+    super().__init__(step, loss)
+    self.step, self.loss = step, loss
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Collects SIGTERM and SIGINT (preemption, Ctrl-C) instead of dying at once.
+
+  Yields a list that receives the signal numbers; the loop checks it after
+  each step, saves a checkpoint and stops cleanly.
+  """
+  requested = []
+  signals = (signal.SIGTERM, signal.SIGINT)
+  if threading.current_thread() is not threading.main_thread():
+    yield requested  # Only the main thread may set handlers; run unguarded.
+    return
+  previous = {s: signal.signal(s, lambda signum, frame: requested.append(signum)) for s in signals}
+  try:
+    yield requested
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 @dataclasses.dataclass
@@ -197,9 +232,11 @@ def train_stage(
 ) -> StageResult:
   """Trains one stage (teacher, student or baseline) for its configured epochs.
 
-  Each epoch ends with a test-set evaluation, a line in metrics.jsonl and
-  TensorBoard, and an Orbax checkpoint. A stage with checkpoints resumes
-  from the newest one; a finished stage just returns its final state.
+  Saves an Orbax checkpoint every `checkpoint.every_steps` steps and at each
+  epoch end, after a test-set evaluation and a line in metrics.jsonl and
+  TensorBoard. A stage with checkpoints resumes from the newest whole one,
+  mid-epoch if need be, and ends exactly as an uninterrupted run would; a
+  finished stage just returns its final state.
   """
   batch_size, epochs = stage_config.batch_size, stage_config.epochs
   parallel.check_batch_size(batch_size, f"{name}.batch_size", mesh)
@@ -231,57 +268,110 @@ def train_stage(
       TrainState(jnp.zeros((), jnp.int32), variables, optimizer.init(variables.params)),
       parallel.replicated(mesh),
   )
-  history, wall_time_s = [], 0.0
-  checkpoints = StageCheckpoints(stage_dir)
-  latest = checkpoints.latest_step()
-  if latest is not None:
-    restored, train, meta = checkpoints.restore(
-        latest, state.variables, {"step": state.step, "opt_state": state.opt_state}
-    )
-    state = TrainState(train["step"], restored, train["opt_state"])
-    history, wall_time_s = meta["history"], meta["wall_time_s"]
-    logging.info("%s: resuming after epoch %d from %s", name, len(history), checkpoints.directory)
+  checkpoints = StageCheckpoints(stage_dir, keep=config.checkpoint.keep)
+  meta = {"history": [], "wall_time_s": 0.0, "epoch_sums": {}, "epoch_count": 0}
+  restored = checkpoints.restore_latest(
+      state.variables, {"step": state.step, "opt_state": state.opt_state}
+  )
+  if restored is not None:
+    variables, train, meta = restored
+    state = TrainState(train["step"], variables, train["opt_state"])
+    logging.info("%s: resuming at step %d from %s", name, int(state.step), checkpoints.directory)
 
-  log = logs.StageLog(stage_dir)
-  for epoch in range(len(history), epochs):
-    start = time.perf_counter()
-    indices_SxB = epoch_indices(config.seed, epoch, data.num_train, batch_size)
-    with tqdm(
-        total=steps,
-        desc=f"{name} {epoch + 1}/{epochs}",
-        leave=False,
-        disable=None if jax.process_index() == 0 else True,
-    ) as progress:
-      state, metrics = run_epoch(
-          train_step, state, teacher_variables, data, gather, indices_SxB, progress
-      )
-    test_logits = evaluate.predict_logits(
-        forward, state.variables, data.test_images, config.eval.batch_size, gather
-    )
-    metrics["test_top1"] = evaluate.topk_accuracy(test_logits, data.test_labels, 1)
-    metrics["epoch_time_s"] = time.perf_counter() - start
-    wall_time_s += metrics["epoch_time_s"]
-    history.append({"epoch": epoch + 1, **metrics})
-    log.write(epoch + 1, metrics)
-    logging.info(
-        "%s epoch %d/%d: %s",
-        name,
-        epoch + 1,
-        epochs,
-        " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
-    )
+  step = int(state.step)
+  session_start = time.perf_counter()
+  running = RunningMetrics(meta["epoch_sums"], meta["epoch_count"])
+  history = meta["history"]
+
+  def save(test_top1=None):
+    wall_time_s = meta["wall_time_s"] + time.perf_counter() - session_start
     checkpoints.save(
-        int(state.step),
+        step,
         state.variables,
         {"step": state.step, "opt_state": state.opt_state},
         {
             "model": network.name,
-            "num_classes": int(test_logits.shape[-1]),
-            "epochs_done": epoch + 1,
+            "num_classes": data.num_classes,
+            "epochs": epochs,
             "history": history,
             "wall_time_s": wall_time_s,
+            "epoch_sums": running.sums,
+            "epoch_count": running.count,
         },
+        test_top1=test_top1,
     )
-  log.close()
+    return wall_time_s
+
+  def stop(signum: int):
+    running.flush()
+    save()
+    checkpoints.close()
+    raise Interrupted(
+        f"{name}: stopped by signal {signum} at step {step}; checkpoint saved in "
+        f"{checkpoints.directory}; run the same command again to resume",
+        signum,
+    )
+
+  log = logs.StageLog(stage_dir)
+  wall_time_s = meta["wall_time_s"]
+  try:
+    with stop_requests() as requested:
+      for epoch in range(step // steps, epochs):
+        indices_SxB = epoch_indices(config.seed, epoch, data.num_train, batch_size)
+        epoch_start = time.perf_counter()
+        with tqdm(
+            total=steps,
+            initial=step % steps,
+            desc=f"{name} {epoch + 1}/{epochs}",
+            leave=False,
+            disable=None if jax.process_index() == 0 else True,
+        ) as progress:
+          for indices_B in indices_SxB[step % steps :]:
+            batch = gather({"image": data.train_images, "label": data.train_labels}, indices_B)
+            state, metrics = train_step(state, batch, teacher_variables)
+            step += 1
+            running.add(step, metrics)
+            if step % 10 == 0:
+              running.flush(keep=1)
+              progress.set_postfix(
+                  {k: f"{running.last[k]:.3f}" for k in ("loss", "accuracy")}, refresh=False
+              )
+            progress.update(1)
+            if requested:
+              stop(requested[0])
+            if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
+              if step % steps:  # an epoch end saves below, with its accuracy
+                running.flush()
+                save()
+        running.flush()
+        test_logits = evaluate.predict_logits(
+            forward, state.variables, data.test_images, config.eval.batch_size, gather
+        )
+        epoch_metrics = running.means()
+        epoch_metrics["test_top1"] = evaluate.topk_accuracy(test_logits, data.test_labels, 1)
+        epoch_metrics["epoch_time_s"] = time.perf_counter() - epoch_start
+        history.append({"epoch": epoch + 1, **epoch_metrics})
+        log.write(epoch + 1, epoch_metrics)
+        logging.info(
+            "%s epoch %d/%d: %s",
+            name,
+            epoch + 1,
+            epochs,
+            " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()),
+        )
+        running = RunningMetrics()
+        wall_time_s = save(test_top1=epoch_metrics["test_top1"])
+        if requested:
+          stop(requested[0])
+  except NonFiniteLoss as e:
+    checkpoints.close()
+    latest = checkpoints.latest_step()
+    raise TrainingDiverged(
+        f"{name}: loss is {e.loss} at step {e.step}; the last good checkpoint is "
+        + (f"{checkpoints.directory}/{latest}" if latest is not None else "none (none saved yet)")
+        + "; lower the learning rate or enable gradient clipping, then rerun"
+    ) from None
+  finally:
+    log.close()
   checkpoints.close()
   return StageResult(state.variables, history, wall_time_s)

@@ -82,3 +82,191 @@ def test_traced_temperature_gives_the_same_loss():
   eager = losses.distillation_loss(student, teacher, labels, 3.0, 0.5)[0]
   jitted = jax.jit(lambda t: losses.distillation_loss(student, teacher, labels, t, 0.5)[0])
   np.testing.assert_allclose(float(jitted(jnp.float32(3.0))), float(eager), rtol=1e-6)
+
+
+def _logsumexp(z):
+  m = z.max(-1, keepdims=True)
+  return (m + np.log(np.exp(z - m).sum(-1, keepdims=True)))[..., 0]
+
+
+def _standardize(z):
+  z = z.astype(np.float64)
+  return (z - z.mean(-1, keepdims=True)) / (z.std(-1, ddof=1, keepdims=True) + 1e-7)
+
+
+def reference_dkd_loss(student, teacher, labels, alpha, beta, temperature):
+  """alpha T^2 TCKD + beta T^2 NCKD from the paper's definitions, batch mean; float64.
+
+  b = [p_t, p_\\t] with p_\\t = sum of the non-target probabilities is the softmax
+  of the two "logits" [z_t, log sum_{k != t} exp(z_k)]; NCKD's distribution is
+  the softmax of the logits with the target column deleted.
+  """
+  losses_per_sample = []
+  for z_s, z_t, y in zip(student.astype(np.float64), teacher.astype(np.float64), labels):
+    z_s, z_t = z_s / temperature, z_t / temperature
+    rest_s, rest_t = np.delete(z_s, y), np.delete(z_t, y)
+    log_b_s = _log_softmax(np.array([z_s[y], _logsumexp(rest_s)]))
+    log_b_t = _log_softmax(np.array([z_t[y], _logsumexp(rest_t)]))
+    tckd = (np.exp(log_b_t) * (log_b_t - log_b_s)).sum()
+    log_hat_s, log_hat_t = _log_softmax(rest_s), _log_softmax(rest_t)
+    nckd = (np.exp(log_hat_t) * (log_hat_t - log_hat_s)).sum()
+    losses_per_sample.append(temperature**2 * (alpha * tckd + beta * nckd))
+  return np.mean(losses_per_sample)
+
+
+def official_dkd_loss(student, teacher, labels, alpha, beta, temperature):
+  """NumPy port of mdistiller's dkd_loss: target masked by subtracting 1000; float64."""
+  student, teacher = student.astype(np.float64), teacher.astype(np.float64)
+  gt_mask = np.eye(student.shape[1])[labels]
+
+  def binary(probs):
+    return np.stack([(probs * gt_mask).sum(1), (probs * (1 - gt_mask)).sum(1)], axis=1)
+
+  p_s = np.exp(_log_softmax(student / temperature))
+  p_t = np.exp(_log_softmax(teacher / temperature))
+  b_s, b_t = binary(p_s), binary(p_t)
+  tckd = (b_t * (np.log(b_t) - np.log(b_s))).sum() * temperature**2 / len(labels)
+  log_p2_t = _log_softmax(teacher / temperature - 1000.0 * gt_mask)
+  log_p2_s = _log_softmax(student / temperature - 1000.0 * gt_mask)
+  nckd = (np.exp(log_p2_t) * (log_p2_t - log_p2_s)).sum() * temperature**2 / len(labels)
+  return alpha * tckd + beta * nckd
+
+
+def _random_logits(seed, scale, batch=16, num_classes=10):
+  rng = np.random.default_rng(seed)
+  student = (rng.normal(size=(batch, num_classes)) * scale).astype(np.float32)
+  teacher = (rng.normal(size=(batch, num_classes)) * scale).astype(np.float32)
+  return student, teacher, rng.integers(0, num_classes, batch)
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3])
+@pytest.mark.parametrize(
+    "alpha,beta,temperature", [(1.0, 8.0, 4.0), (1.0, 2.0, 4.0), (0.5, 1.0, 1.0), (9.0, 72.0, 2.0)]
+)
+def test_dkd_loss_matches_reference(num_classes, scale, alpha, beta, temperature):
+  student, teacher, labels = _random_logits(4, scale, num_classes=num_classes)
+  got = losses.dkd_loss(student, teacher, labels, alpha=alpha, beta=beta, temperature=temperature)
+  want = reference_dkd_loss(student, teacher, labels, alpha, beta, temperature)
+  # An absolute floor for small losses: float32 log-probabilities of size ~1 carry
+  # errors ~1e-7, which the weights alpha T^2 and beta T^2 then multiply.
+  atol = 1e-6 * (alpha + beta) * temperature**2
+  np.testing.assert_allclose(float(got), want, rtol=1e-6, atol=atol)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3])
+def test_dkd_loss_with_logit_standardization_matches_reference(scale):
+  student, teacher, labels = _random_logits(5, scale, num_classes=100)
+  teacher += 500.0  # a shifted range, which standardisation removes
+  got = losses.dkd_loss(
+      student, teacher, labels, alpha=9.0, beta=72.0, temperature=2.0, logit_standardization=True
+  )
+  want = reference_dkd_loss(_standardize(student), _standardize(teacher), labels, 9.0, 72.0, 2.0)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_dkd_loss_matches_official_code_on_ordinary_logits(scale):
+  student, teacher, labels = _random_logits(6, scale, num_classes=100)
+  got = losses.dkd_loss(student, teacher, labels, alpha=1.0, beta=8.0, temperature=4.0)
+  want = official_dkd_loss(student, teacher, labels, 1.0, 8.0, 4.0)
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale,temperature", [(1.0, 1.0), (3.0, 4.0), (30.0, 2.0)])
+def test_dkd_decomposes_classic_kd(scale, temperature):
+  """Zhao et al.'s Eq. (5): KD = TCKD + (1 - p_t^teacher) NCKD, per sample, at temperature T.
+
+  So DKD with alpha = 1 and beta = 1 - p_t^teacher is exactly T^2 KL(teacher || student).
+  """
+  student, teacher, labels = _random_logits(7, scale, batch=8)
+  log_p_teacher = _log_softmax(teacher.astype(np.float64) / temperature)
+  beta_B = 1.0 - np.exp(log_p_teacher[np.arange(len(labels)), labels])
+
+  def per_sample_dkd(s_C, t_C, y, beta):
+    return losses.dkd_loss(
+        s_C[None], t_C[None], y[None], alpha=1.0, beta=beta, temperature=temperature
+    )
+
+  def per_sample_kd(s_C, t_C):
+    return temperature**2 * losses.kl_divergence(t_C[None], s_C[None], temperature)
+
+  dkd_B = jax.vmap(per_sample_dkd)(student, teacher, labels, beta_B.astype(np.float32))
+  kd_B = jax.vmap(per_sample_kd)(student, teacher)
+  np.testing.assert_allclose(np.asarray(dkd_B), np.asarray(kd_B), rtol=1e-5, atol=1e-6)
+  _, parts = losses.distillation_loss(student, teacher, labels, temperature, 1.0)
+  np.testing.assert_allclose(
+      float(dkd_B.mean()), temperature**2 * float(parts["kl"]), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_dkd_nckd_ignores_the_target_logit():
+  """The target class is masked exactly, even where subtracting 1000 would not hide it."""
+  student, teacher, labels = _random_logits(8, 10.0)
+  rows = np.arange(len(labels))
+  shifted_student, shifted_teacher = student.copy(), teacher.copy()
+  shifted_student[rows, labels] += 3000.0
+  shifted_teacher[rows, labels] -= 3000.0
+  nckd = lambda s, t: float(losses.dkd_loss(s, t, labels, alpha=0.0, beta=1.0, temperature=1.0))
+  np.testing.assert_allclose(
+      nckd(shifted_student, shifted_teacher), nckd(student, teacher), rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize("logit_standardization", [False, True])
+def test_dkd_no_gradient_reaches_the_teacher(logit_standardization):
+  student, teacher, labels = _random_logits(9, 1e3)
+  # A target logit far above the rest: p_target rounds to 1 in float32.
+  teacher[np.arange(len(labels)), labels] = 5e3
+  loss = lambda s, t: losses.dkd_loss(
+      s,
+      t,
+      labels,
+      alpha=1.0,
+      beta=8.0,
+      temperature=4.0,
+      logit_standardization=logit_standardization,
+  )
+  grad_teacher = jax.grad(loss, argnums=1)(student, teacher)
+  assert not np.any(np.asarray(grad_teacher))
+  grad_student = jax.grad(loss)(student, teacher)
+  assert np.all(np.isfinite(grad_student)) and np.any(np.asarray(grad_student))
+
+
+def test_dkd_traced_hyperparameters_give_the_same_loss():
+  student, teacher, labels = _random_logits(10, 1.0)
+  eager = losses.dkd_loss(student, teacher, labels, alpha=1.0, beta=8.0, temperature=4.0)
+  jitted = jax.jit(
+      lambda a, b, t: losses.dkd_loss(student, teacher, labels, alpha=a, beta=b, temperature=t)
+  )
+  np.testing.assert_allclose(
+      float(jitted(jnp.float32(1.0), jnp.float32(8.0), jnp.float32(4.0))), float(eager), rtol=1e-6
+  )
+
+
+@pytest.mark.parametrize("scale,offset", [(1.0, 0.0), (30.0, -7.0), (1e3, 500.0)])
+def test_logit_standardize_matches_numpy(scale, offset):
+  student, _, _ = _random_logits(11, scale, num_classes=100)
+  logits = student + np.float32(offset)
+  got = np.asarray(losses.logit_standardize(logits))
+  np.testing.assert_allclose(got, _standardize(logits), atol=1e-5)
+  np.testing.assert_allclose(got.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(got.std(-1, ddof=1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0, 1e3])
+@pytest.mark.parametrize("temperature,alpha", [(2.0, 0.9), (4.0, 0.5)])
+def test_standardized_distillation_loss_matches_reference(scale, temperature, alpha):
+  student, teacher, labels = _random_logits(12, scale, num_classes=100)
+  total, parts = losses.distillation_loss(
+      student, teacher, labels, temperature, alpha, logit_standardization=True
+  )
+  _, want_ce, _ = reference_distillation_loss(student, teacher, labels, temperature, alpha)
+  _, _, want_kl = reference_distillation_loss(
+      _standardize(student), _standardize(teacher), labels, temperature, alpha
+  )
+  want_total = (1 - alpha) * want_ce + alpha * temperature**2 * want_kl
+  tol = 1e-6 * max(1.0, scale)
+  np.testing.assert_allclose(float(parts["ce"]), want_ce, rtol=1e-6, atol=tol)
+  np.testing.assert_allclose(float(parts["kl"]), want_kl, rtol=1e-5)
+  np.testing.assert_allclose(float(total), want_total, rtol=1e-5, atol=tol)

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
 
 from configs import quickstart
@@ -59,7 +61,7 @@ def test_report_has_every_field(run):
   )
   with open(os.path.join(workdir, "report.md")) as f:
     markdown = f.read()
-  assert "| top-1 |" in markdown and "KD gain" in markdown
+  assert "| top-1 (last epoch) |" in markdown and "KD gain" in markdown
 
 
 def test_distillation_alone_teaches_the_student(run):
@@ -140,3 +142,23 @@ def test_bad_input_is_one_line_and_no_traceback(tmp_path, args, culprit):
   assert result.returncode != 0
   assert culprit in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_teacher_for_another_class_count_is_refused(run, tmp_path):
+  workdir, _ = run
+  rng = np.random.default_rng(0)
+  for split in ("train", "test"):
+    for name in ("a", "b", "c"):
+      os.makedirs(tmp_path / "tree" / split / name)
+      for i in range(4):
+        cv2.imwrite(
+            str(tmp_path / "tree" / split / name / f"{i}.png"),
+            rng.integers(0, 256, (8, 8), np.uint8),
+        )
+  config = small_config()
+  config.data.source = "folder"
+  config.data.dir = str(tmp_path / "tree")
+  config.teacher.checkpoint = os.path.join(workdir, "teacher")
+  config.teacher.batch_size = config.student.batch_size = 4
+  with pytest.raises(UserInputError, match="predicts 10 classes but the dataset has 3"):
+    pipeline.train_and_evaluate(config, str(tmp_path / "work"))
