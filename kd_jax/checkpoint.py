@@ -77,7 +77,7 @@ class StageCheckpoints:
     damaged folder is then renamed to <step>.damaged, kept for inspection,
     so that training can write that step again. Returns (variables, train, meta).
     """
-    damaged = []
+    failures = {}
     for step in sorted(self._manager.all_steps(), reverse=True):
       try:
         restored = self._manager.restore(
@@ -90,24 +90,28 @@ class StageCheckpoints:
         )
       except Exception as e:  # pylint: disable=broad-except
         # Truncated or overwritten files fail in many ways (JSON, TensorStore, shapes).
+        failures[step] = str(e).splitlines()[0] if str(e) else type(e).__name__
         logging.warning(
             "checkpoint %s/%d is damaged (%s); trying the one before it",
             self.directory,
             step,
-            str(e).splitlines()[0] if str(e) else type(e).__name__,
+            failures[step],
         )
-        damaged.append(step)
         continue
-      for bad in damaged:
+      # An older checkpoint fits, so the newer ones are damaged rather than
+      # written by another config; move them aside so their steps can be saved anew.
+      for bad in failures:
         os.rename(
             os.path.join(self.directory, str(bad)), os.path.join(self.directory, f"{bad}.damaged")
         )
       self._manager.reload()
       return restored.model, restored.train, restored.meta
-    if damaged:
+    if failures:
+      step, reason = next(iter(failures.items()))
       raise UserInputError(
-          f"every checkpoint in {self.directory} is damaged ({damaged}); move the folder "
-          f"away to start the stage afresh"
+          f"no checkpoint in {self.directory} can be restored (step {step}: {reason}); if the "
+          f"model or optimizer settings changed, use another workdir, else move the damaged "
+          f"folder away"
       )
     return None
 
@@ -147,7 +151,7 @@ def restore_variables(path: str, variables: Variables, check_meta) -> tuple[Vari
   Returns (variables, meta).
   """
   directory = _find_checkpoints(path)
-  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
   try:
     step = manager.latest_step()
     if step is None:

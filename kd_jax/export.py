@@ -3,8 +3,10 @@
 `export_model` writes one folder:
 
   model.jax        the model as a `jax.export` artifact (StableHLO), for JAX.
-  saved_model/     the same function as a TensorFlow SavedModel, for TF Serving,
-                   TFLite converters and other TensorFlow tooling.
+  saved_model/     the same function as a TensorFlow SavedModel, for TF Serving
+                   and other TensorFlow runtimes (the graph holds the StableHLO
+                   in an XlaCallModule op: load it with a TensorFlow as recent
+                   as the one that wrote it; 2.21 here).
   preprocess.json  how to turn a picture into the model's input, and class names.
 
 Both artifacts are the model alone, in inference mode, with its weights baked

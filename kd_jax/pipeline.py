@@ -11,7 +11,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from kd_jax import checkpoint, data, evaluate, models, parallel, report, train
+from kd_jax import checkpoint, data, evaluate, export, models, parallel, plots, report, train
 from kd_jax.errors import UserInputError
 from kd_jax.network import Network, Variables, create_network
 
@@ -52,8 +52,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
   """Refuses to resume a workdir that a different config wrote.
 
   Checkpoints of another model, dataset or method would be restored into the
-  wrong run. Evaluation and checkpoint settings do not change results and may
-  differ; anything else needs checkpoint.allow_config_change=true.
+  wrong run. Evaluation, export and checkpoint settings do not change results
+  and may differ; anything else needs checkpoint.allow_config_change=true.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
@@ -64,7 +64,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
     differing = sorted(
         key
         for key in set(before) | set(now)
-        if before.get(key) != now.get(key) and not key.startswith(("checkpoint.", "eval."))
+        if before.get(key) != now.get(key)
+        and not key.startswith(("checkpoint.", "eval.", "export."))
     )
     if differing:
       shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differing[:5])
@@ -230,4 +231,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   if jax.process_index() == 0:
     report.write_report(results, workdir)
+    plots.plot_training_curves(
+        {name: run.history for name, (_, run) in runs.items()},
+        os.path.join(workdir, "training_curves.png"),
+    )
+    plots.plot_tradeoffs(results, os.path.join(workdir, "tradeoffs.png"))
+    if config.export.enabled:
+      student, student_run = runs["student"]
+      export.export_model(
+          student,
+          student_run.variables,
+          image_shape=dataset.image_shape,
+          mean_C=device_data.mean_C,
+          std_C=device_data.std_C,
+          class_names=dataset.class_names,
+          out_dir=os.path.join(workdir, "export", "student"),
+      )
   return results

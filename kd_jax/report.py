@@ -59,6 +59,7 @@ def to_markdown(report: dict) -> str:
   lines += ["", "| comparison | |", "|---|---|"]
   for key, title, template in COMPARISON_FIELDS:
     lines.append(f"| {title} | {_format(template, report['comparison'][key])} |")
+  lines += ["", "![training curves](training_curves.png)", "", "![trade-offs](tradeoffs.png)"]
   return "\n".join(lines) + "\n"
 
 

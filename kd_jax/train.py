@@ -125,7 +125,13 @@ def make_train_step(
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.variables.params)
     params = optax.apply_updates(state.variables.params, updates)
-    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B), **parts}
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B),
+        # A non-finite norm flags overflowed weights a step before the loss shows it.
+        "param_norm": optax.tree.norm(params),
+        **parts,
+    }
     return TrainState(state.step + 1, Variables(params, batch_stats), opt_state), metrics
 
   # The state is donated: its buffers become the new state's, so a step needs
@@ -149,8 +155,8 @@ class RunningMetrics:
 
   Steps are dispatched ahead of the host; `flush(keep=1)` fetches all but the
   newest step's metrics, which have finished by then, so reading them never
-  drains the queue. Each fetched loss is checked: a NaN or infinite one
-  stops the stage before anything is saved.
+  drains the queue. Each fetched metric is checked: a NaN or infinite loss
+  or parameter norm stops the stage before anything is saved.
   """
 
   def __init__(self, sums: dict | None = None, count: int = 0):
@@ -167,8 +173,9 @@ class RunningMetrics:
     ready = self._pending[: len(self._pending) - keep]
     self._pending = self._pending[len(ready) :]
     for step, metrics in jax.device_get(ready):
-      if not np.isfinite(metrics["loss"]):
-        raise NonFiniteLoss(step, float(metrics["loss"]))
+      for name, value in metrics.items():
+        if not np.isfinite(value):
+          raise NonFiniteMetric(step, name, float(value))
       for name, value in metrics.items():
         self.sums[name] = self.sums.get(name, 0.0) + float(value)
       self.count += 1
@@ -179,12 +186,12 @@ class RunningMetrics:
     return {name: total / self.count for name, total in self.sums.items()}
 
 
-class NonFiniteLoss(Exception):
+class NonFiniteMetric(Exception):
   """Raised by RunningMetrics; train_stage turns it into TrainingDiverged."""
 
-  def __init__(self, step: int, loss: float):
-    super().__init__(step, loss)
-    self.step, self.loss = step, loss
+  def __init__(self, step: int, name: str, value: float):
+    super().__init__(step, name, value)
+    self.step, self.name, self.value = step, name, value
 
 
 @contextlib.contextmanager
@@ -363,11 +370,11 @@ def train_stage(
         wall_time_s = save(test_top1=epoch_metrics["test_top1"])
         if requested:
           stop(requested[0])
-  except NonFiniteLoss as e:
+  except NonFiniteMetric as e:
     checkpoints.close()
     latest = checkpoints.latest_step()
     raise TrainingDiverged(
-        f"{name}: loss is {e.loss} at step {e.step}; the last good checkpoint is "
+        f"{name}: {e.name} is {e.value} at step {e.step}; the last good checkpoint is "
         + (f"{checkpoints.directory}/{latest}" if latest is not None else "none (none saved yet)")
         + "; lower the learning rate or enable gradient clipping, then rerun"
     ) from None

@@ -9,11 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from configs import quickstart
+from conftest import ROOT, small_config
 from kd_jax import pipeline
 from kd_jax.errors import UserInputError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_KEYS = {"top1", "top5", "params", "param_bytes", "flops", "latency_ms", "throughput"}
 COMPARISON_KEYS = {
     "size_reduction",
@@ -24,26 +23,8 @@ COMPARISON_KEYS = {
 }
 
 
-def small_config(**student_overrides):
-  config = quickstart.get_config()
-  config.teacher.epochs = 4
-  config.student.epochs = 8
-  config.student.update(student_overrides)
-  # Labels carry no weight: whatever the student learns, it learns from the teacher.
-  config.distill.alpha = 1.0
-  config.eval.latency_repeats = 3
-  config.eval.throughput_repeats = 2
-  return config
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("kd"))
-  return workdir, pipeline.train_and_evaluate(small_config(), workdir)
-
-
-def test_report_has_every_field(run):
-  workdir, report = run
+def test_report_has_every_field(quickstart_run):
+  workdir, report = quickstart_run
   with open(os.path.join(workdir, "report.json")) as f:
     on_disk = json.load(f)
   assert on_disk == json.loads(json.dumps(report))
@@ -64,16 +45,25 @@ def test_report_has_every_field(run):
   assert "| top-1 (last epoch) |" in markdown and "KD gain" in markdown
 
 
-def test_distillation_alone_teaches_the_student(run):
-  _, report = run
+def test_plots_and_export_are_written(quickstart_run):
+  workdir, _ = quickstart_run
+  for name in ("training_curves.png", "tradeoffs.png"):
+    with open(os.path.join(workdir, name), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  exported = os.path.join(workdir, "export", "student")
+  assert sorted(os.listdir(exported)) == ["model.jax", "preprocess.json", "saved_model"]
+
+
+def test_distillation_alone_teaches_the_student(quickstart_run):
+  _, report = quickstart_run
   assert report["teacher"]["top1"] > 0.9
   # alpha = 1: the student never saw a label, yet it is far above chance (0.1).
   assert report["student"]["top1"] > 0.6
   assert report["comparison"]["agreement"] > 0.6
 
 
-def test_each_stage_writes_metrics_tensorboard_and_checkpoints(run):
-  workdir, _ = run
+def test_each_stage_writes_metrics_tensorboard_and_checkpoints(quickstart_run):
+  workdir, _ = quickstart_run
   for stage, epochs in (("teacher", 4), ("student", 8), ("baseline", 8)):
     with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
       lines = [json.loads(line) for line in f]
@@ -86,16 +76,16 @@ def test_each_stage_writes_metrics_tensorboard_and_checkpoints(run):
     assert "kl" in json.loads(f.readline())
 
 
-def test_rerun_restores_finished_stages(run):
-  workdir, report = run
+def test_rerun_restores_finished_stages(quickstart_run):
+  workdir, report = quickstart_run
   again = pipeline.train_and_evaluate(small_config(), workdir)
   for name in ("teacher", "student", "baseline"):
     assert again[name]["top1"] == report[name]["top1"]
 
 
-def test_a_trained_teacher_serves_another_student(run, tmp_path):
-  workdir, report = run
-  config = small_config(epochs=1)
+def test_a_trained_teacher_serves_another_student(quickstart_run, tmp_path):
+  workdir, report = quickstart_run
+  config = small_config(**{"student.epochs": 1})
   config.teacher.checkpoint = os.path.join(workdir, "teacher")
   config.baseline.enabled = False
   reused = pipeline.train_and_evaluate(config, str(tmp_path))
@@ -110,8 +100,8 @@ def test_a_trained_teacher_serves_another_student(run, tmp_path):
         ("checkpoint", "/nonexistent/teacher", "does not exist"),
     ],
 )
-def test_bad_teacher_checkpoint(run, tmp_path, field, value, message):
-  workdir, _ = run
+def test_bad_teacher_checkpoint(quickstart_run, tmp_path, field, value, message):
+  workdir, _ = quickstart_run
   config = small_config()
   config.teacher.checkpoint = os.path.join(workdir, "teacher")
   config.teacher[field] = value
@@ -144,8 +134,8 @@ def test_bad_input_is_one_line_and_no_traceback(tmp_path, args, culprit):
   assert "Traceback" not in result.stderr
 
 
-def test_teacher_for_another_class_count_is_refused(run, tmp_path):
-  workdir, _ = run
+def test_teacher_for_another_class_count_is_refused(quickstart_run, tmp_path):
+  workdir, _ = quickstart_run
   rng = np.random.default_rng(0)
   for split in ("train", "test"):
     for name in ("a", "b", "c"):

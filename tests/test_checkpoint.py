@@ -1,0 +1,201 @@
+"""Checkpoints and resumption: interrupted runs end exactly like uninterrupted ones."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, small_config, small_config_flags
+from kd_jax import checkpoint, pipeline
+from kd_jax.errors import TrainingDiverged, UserInputError
+from kd_jax.network import create_network
+
+STAGES = ("teacher", "student", "baseline")
+
+
+def _steps(workdir: str, stage: str) -> list[int]:
+  folder = os.path.join(workdir, stage, "checkpoints")
+  return (
+      sorted(int(name) for name in os.listdir(folder) if name.isdigit())
+      if os.path.isdir(folder)
+      else []
+  )
+
+
+def _final_variables(workdir: str, stage: str, model: str, **kwargs):
+  _, template = create_network(model, num_classes=10, in_channels=1, seed=0, **kwargs)
+  variables, _ = checkpoint.restore_variables(
+      os.path.join(workdir, stage), template, lambda m: None
+  )
+  return jax.device_get(variables)
+
+
+def _assert_same_run(workdir: str, reference: str, reference_report: dict):
+  with open(os.path.join(workdir, "report.json")) as f:
+    report = json.load(f)
+  for stage in STAGES:
+    for key in ("top1", "top5", "best_top1", "best_epoch", "epochs"):
+      assert report[stage][key] == reference_report[stage][key], (stage, key)
+  for stage, model, kwargs in (
+      ("teacher", "resnet8", {}),
+      ("student", "dsconv_student", {"width_multiplier": 0.5}),
+      ("baseline", "dsconv_student", {"width_multiplier": 0.5}),
+  ):
+    same = jax.tree.map(
+        np.array_equal,
+        _final_variables(workdir, stage, model, **kwargs),
+        _final_variables(reference, stage, model, **kwargs),
+    )
+    assert all(jax.tree.leaves(same)), stage
+
+
+def _start(workdir: str) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags()],
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+
+
+def _wait_for(condition, process: subprocess.Popen, timeout: float = 300.0):
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert process.poll() is None, f"run ended early: {process.stderr.read()[-2000:]}"
+    assert time.monotonic() < deadline, "timed out waiting for the run"
+    time.sleep(0.02)
+
+
+def test_killed_and_preempted_run_ends_bit_identical(quickstart_run, tmp_path):
+  reference, reference_report = quickstart_run
+  workdir = str(tmp_path / "work")
+
+  # SIGKILL inside the teacher stage, right after its second save.
+  process = _start(workdir)
+  _wait_for(lambda: len(_steps(workdir, "teacher")) >= 2, process)
+  process.kill()
+  process.wait()
+
+  # SIGTERM inside the student stage: a checkpoint, then a clean exit.
+  process = _start(workdir)
+  _wait_for(lambda: _steps(workdir, "student"), process)
+  time.sleep(0.3)
+  sent = time.monotonic()
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=30)
+  assert time.monotonic() - sent < 30
+  assert process.returncode == 128 + signal.SIGTERM
+  assert "stopped by signal" in stderr and "Traceback" not in stderr
+  assert _steps(workdir, "student")
+
+  # SIGKILL at an arbitrary moment of the baseline stage.
+  process = _start(workdir)
+  _wait_for(lambda: _steps(workdir, "baseline"), process)
+  time.sleep(0.5)
+  process.kill()
+  process.wait()
+
+  finished = subprocess.run(
+      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags()],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert finished.returncode == 0, finished.stderr[-2000:]
+  _assert_same_run(workdir, reference, reference_report)
+
+
+def test_damaged_and_half_written_checkpoints_are_not_used(quickstart_run, tmp_path, caplog):
+  reference, reference_report = quickstart_run
+  workdir = str(tmp_path / "work")
+  shutil.copytree(reference, workdir)
+  os.remove(os.path.join(workdir, "report.json"))
+  newest = _steps(workdir, "student")[-1]
+  for path in glob.glob(
+      os.path.join(workdir, "student", "checkpoints", str(newest), "**"), recursive=True
+  ):
+    if os.path.isfile(path):
+      with open(path, "w") as f:
+        f.write("overwritten")
+  # What a kill during a save leaves: Orbax's temporary folder, never taken for whole.
+  half_written = os.path.join(workdir, "baseline", "checkpoints", "999.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(half_written, "model"))
+
+  pipeline.train_and_evaluate(small_config(), workdir)
+
+  assert f"checkpoints/{newest} is damaged" in caplog.text
+  assert os.path.isdir(os.path.join(workdir, "student", "checkpoints", f"{newest}.damaged"))
+  _assert_same_run(workdir, reference, reference_report)
+
+
+def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  good = small_config(**{"teacher.epochs": 1, "baseline.enabled": False, "student.epochs": 1})
+  good.teacher.optimizer.update(name="sgd", learning_rate=0.01)
+  pipeline.train_and_evaluate(good, str(tmp_path))
+  last_good = _steps(str(tmp_path), "teacher")[-1]
+  with open(tmp_path / "teacher" / "metrics.jsonl") as f:
+    lines_before = f.read()
+
+  # One more epoch at a learning rate no run survives: the weights overflow.
+  more = small_config(**{"teacher.epochs": 2, "checkpoint.allow_config_change": True})
+  more.teacher.optimizer.update(name="sgd", learning_rate=1e30)
+  with pytest.raises(
+      TrainingDiverged, match=r"teacher: (loss|param_norm) is (nan|inf) at step \d+"
+  ) as error:
+    pipeline.train_and_evaluate(more, str(tmp_path))
+  assert f"teacher/checkpoints/{last_good};" in str(error.value)
+  assert _steps(str(tmp_path), "teacher")[-1] == last_good
+  with open(tmp_path / "teacher" / "metrics.jsonl") as f:
+    assert f.read() == lines_before
+  _, template = create_network("resnet8", num_classes=10, in_channels=1, seed=0)
+  variables, _ = checkpoint.restore_variables(str(tmp_path / "teacher"), template, lambda m: None)
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(variables)))
+
+
+def test_a_workdir_of_another_config_is_refused(quickstart_run, tmp_path):
+  reference, _ = quickstart_run
+  workdir = str(tmp_path / "work")
+  shutil.copytree(reference, workdir)
+  changed = small_config(**{"student.model": "resnet8", "student.width_multiplier": 1.0})
+  with pytest.raises(UserInputError, match=r"student\.model \('dsconv_student' -> 'resnet8'\)"):
+    pipeline.train_and_evaluate(changed, workdir)
+  more_epochs = small_config(**{"student.epochs": 9, "checkpoint.allow_config_change": True})
+  report = pipeline.train_and_evaluate(more_epochs, workdir)
+  assert report["student"]["epochs"] == 9
+
+
+def test_restores_onto_four_devices(quickstart_run, tmp_path):
+  reference, reference_report = quickstart_run
+  workdir = str(tmp_path / "work")
+  shutil.copytree(reference, workdir)
+  script = (
+      "import json, sys; from conftest import small_config; from kd_jax import pipeline; "
+      "import jax; assert jax.device_count() == 4; "
+      "print(json.dumps(pipeline.train_and_evaluate(small_config(), sys.argv[1])))"
+  )
+  result = subprocess.run(
+      [sys.executable, "-c", script, workdir],
+      cwd=os.path.join(ROOT, "tests"),
+      env={
+          **os.environ,
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+          "PYTHONPATH": ROOT,
+      },
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  for stage in STAGES:
+    assert report[stage]["top1"] == reference_report[stage]["top1"]
