@@ -69,12 +69,18 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.distill = ml_collections.ConfigDict(
       dict(
-          method="kd",
+          method="kd",  # kd | dkd
           temperature=2.0,
           alpha=0.5,  # weight of the soft (KL) term; 1 - alpha weights CE
           temperature_schedule="constant",  # constant | linear | cosine
           temperature_start=5.0,  # linear/cosine: from this...
           temperature_end=1.0,  # ...to this over the run (the guide's 5 -> 1)
+          logit_standardization=False,  # standardise logits in the soft term (Sun et al.)
+          loss_scale=1.0,  # multiplies the whole objective
+          dkd_alpha=1.0,  # dkd: weight of the target-class term (TCKD)...
+          dkd_beta=8.0,  # ...and of the non-target-class term (NCKD)
+          dkd_ce_weight=1.0,  # dkd: weight of cross-entropy
+          dkd_warmup_epochs=20,  # dkd: the DKD term's weight rises linearly over these
       )
   )
 

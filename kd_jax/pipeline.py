@@ -11,22 +11,27 @@ import jax
 import ml_collections
 from absl import logging
 
-from kd_jax import checkpoint, data, evaluate, export, models, parallel, plots, report, train
+from kd_jax import (
+    checkpoint,
+    data,
+    evaluate,
+    export,
+    methods,
+    models,
+    parallel,
+    plots,
+    report,
+    train,
+)
 from kd_jax.errors import UserInputError
 from kd_jax.network import Network, Variables, create_network
 
-METHODS = ("kd",)
 CONFIG_FILE = "config.json"
 
 
 def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Rejects settings that would only fail later, after data loading."""
-  if config.distill.method not in METHODS:
-    raise UserInputError(
-        f"unknown distill.method {config.distill.method!r}; " f"use one of {', '.join(METHODS)}"
-    )
-  if not 0.0 <= config.distill.alpha <= 1.0:
-    raise UserInputError(f"distill.alpha={config.distill.alpha} must lie in [0, 1]")
+  methods.check(config.distill)
   for stage in ("teacher", "student"):
     if config[stage].model not in models.model_names():
       raise UserInputError(
@@ -183,9 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     teacher_kwargs = {}
     if distilled:
-      teacher_kwargs = dict(
-          teacher=teacher, teacher_variables=teacher_run.variables, alpha=config.distill.alpha
-      )
+      teacher_kwargs = dict(teacher=teacher, teacher_variables=teacher_run.variables)
     return student, train.train_stage(
         name,
         os.path.join(workdir, name),

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from kd_jax import evaluate, logs, losses, optim, parallel, schedules
+from kd_jax import evaluate, logs, methods, optim, parallel
 from kd_jax.checkpoint import StageCheckpoints
 from kd_jax.data import Dataset
 from kd_jax.data import augment as augment_lib
@@ -88,14 +88,13 @@ def make_train_step(
     seed: int,
     mesh,
     teacher: Network | None = None,
-    temperature_fn: Callable | None = None,
-    alpha: float = 0.0,
+    objective: methods.Objective = methods.cross_entropy_objective,
 ) -> Callable:
   """The jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
 
-  Without a teacher the loss is cross-entropy. With one, the teacher runs in
-  inference mode inside the same step and the loss is `distillation_loss` at
-  `temperature_fn(step)`. The teacher's variables are an argument, neither
+  With a teacher, it runs in inference mode inside the same step and
+  `objective` compares its logits with the student's; without one the
+  objective sees None. The teacher's variables are an argument, neither
   updated nor donated, so they stay outside the optimizer and one teacher can
   serve every student.
   """
@@ -105,20 +104,16 @@ def make_train_step(
     images = augmentation(jax.random.fold_in(root_key, state.step), batch["image"])
     x = augment_lib.normalize(images, data.mean_C, data.std_C)
     labels_B = batch["label"]
+    teacher_logits_BxC = None
     if teacher is not None:
       teacher_logits_BxC = teacher.apply(teacher_variables, x, train=False)[0]
-      temperature = temperature_fn(state.step)
 
     def loss_fn(params):
       logits_BxC, batch_stats = network.apply(
           Variables(params, state.variables.batch_stats), x, train=True
       )
-      if teacher is None:
-        return losses.cross_entropy(logits_BxC, labels_B), (logits_BxC, batch_stats, {})
-      loss, parts = losses.distillation_loss(
-          logits_BxC, teacher_logits_BxC, labels_B, temperature, alpha
-      )
-      return loss, (logits_BxC, batch_stats, {**parts, "temperature": temperature})
+      loss, parts = objective(logits_BxC, teacher_logits_BxC, labels_B, state.step)
+      return loss, (logits_BxC, batch_stats, parts)
 
     (loss, (logits_BxC, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.variables.params
@@ -235,7 +230,6 @@ def train_stage(
     mesh,
     teacher: Network | None = None,
     teacher_variables: Variables | None = None,
-    alpha: float = 0.0,
 ) -> StageResult:
   """Trains one stage (teacher, student or baseline) for its configured epochs.
 
@@ -254,9 +248,9 @@ def train_stage(
     )
   steps = data.num_train // batch_size
   optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs)
-  temperature_fn = None
+  objective = methods.cross_entropy_objective
   if teacher is not None:
-    temperature_fn = schedules.temperature_schedule(config.distill, steps, epochs)
+    objective = methods.make_objective(config.distill, steps, epochs)
   train_step = make_train_step(
       network,
       optimizer,
@@ -265,8 +259,7 @@ def train_stage(
       seed=config.seed,
       mesh=mesh,
       teacher=teacher,
-      temperature_fn=temperature_fn,
-      alpha=alpha,
+      objective=objective,
   )
   gather = make_gather(mesh)
   forward = jax.jit(evaluate.make_forward(network, data.mean_C, data.std_C))

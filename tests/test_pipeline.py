@@ -83,14 +83,22 @@ def test_rerun_restores_finished_stages(quickstart_run):
     assert again[name]["top1"] == report[name]["top1"]
 
 
-def test_a_trained_teacher_serves_another_student(quickstart_run, tmp_path):
+@pytest.mark.parametrize(
+    "method,standardize,soft_metric",
+    [("kd", False, "kl"), ("dkd", False, "dkd"), ("kd", True, "kl")],
+)
+def test_a_trained_teacher_serves_another_student(
+    quickstart_run, tmp_path, method, standardize, soft_metric
+):
   workdir, report = quickstart_run
-  config = small_config(**{"student.epochs": 1})
+  config = small_config(**{"student.epochs": 1, "baseline.enabled": False})
+  config.distill.update(method=method, logit_standardization=standardize)
   config.teacher.checkpoint = os.path.join(workdir, "teacher")
-  config.baseline.enabled = False
   reused = pipeline.train_and_evaluate(config, str(tmp_path))
   assert reused["teacher"]["top1"] == report["teacher"]["top1"]
   assert not os.path.exists(tmp_path / "teacher")
+  with open(tmp_path / "student" / "metrics.jsonl") as f:
+    assert np.isfinite(json.loads(f.readline())[soft_metric])
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from kd_jax import optim, parallel, schedules, train
+from kd_jax import methods, optim, parallel, train
 from kd_jax.data import Dataset
 from kd_jax.data.augment import get_augmentation
 from kd_jax.network import create_network
@@ -45,8 +45,7 @@ def test_distillation_step_updates_student_and_leaves_teacher_untouched(setup):
       seed=0,
       mesh=mesh,
       teacher=teacher,
-      alpha=0.5,
-      temperature_fn=schedules.temperature_schedule(config.distill, 4, 1),
+      objective=methods.make_objective(config.distill, 4, 1),
   )
   state = jax.device_put(
       train.TrainState(np.int32(0), student_variables, optimizer.init(student_variables.params)),
