@@ -169,7 +169,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         config.teacher.model,
         dataset.num_classes,
     )
-    teacher_run = train.StageResult(teacher_variables, meta["history"], meta["wall_time_s"])
+    teacher_run = train.StageResult(
+        teacher_variables, meta["history"], meta["wall_time_s"], meta["settings"]
+    )
   else:
     teacher_run = train.train_stage(
         "teacher",
@@ -227,6 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "epochs": len(run.history),
         "wall_time_s": run.wall_time_s,
         "model": network.name,
+        **run.settings,
     }
   agreement = float((predictions["student"] == predictions["teacher"]).mean())
   results["comparison"] = report.compare(

@@ -14,6 +14,9 @@ MODEL_FIELDS = (  # (key, column title, format)
     ("latency_ms", "latency ms (batch 1)", "{:.3f}"),
     ("throughput", "images/s", "{:,.0f}"),
     ("epochs", "epochs", "{}"),
+    ("batch_size", "global batch", "{}"),
+    ("learning_rate", "peak learning rate", "{:g}"),
+    ("devices", "devices", "{}"),
     ("wall_time_s", "train time s", "{:.1f}"),
 )
 COMPARISON_FIELDS = (

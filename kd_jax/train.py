@@ -216,6 +216,7 @@ class StageResult:
   variables: Variables
   history: list[dict]
   wall_time_s: float
+  settings: dict  # what makes two reports comparable: batch, learning rate, devices
 
 
 def train_stage(
@@ -278,6 +279,12 @@ def train_stage(
     state = TrainState(train["step"], variables, train["opt_state"])
     logging.info("%s: resuming at step %d from %s", name, int(state.step), checkpoints.directory)
 
+  settings = {
+      "batch_size": batch_size,
+      "optimizer": stage_config.optimizer.name,
+      "learning_rate": stage_config.optimizer.learning_rate,
+      "devices": mesh.size,
+  }
   step = int(state.step)
   session_start = time.perf_counter()
   running = RunningMetrics(meta["epoch_sums"], meta["epoch_count"])
@@ -297,6 +304,7 @@ def train_stage(
             "wall_time_s": wall_time_s,
             "epoch_sums": running.sums,
             "epoch_count": running.count,
+            "settings": settings,
         },
         test_top1=test_top1,
     )
@@ -374,4 +382,4 @@ def train_stage(
   finally:
     log.close()
   checkpoints.close()
-  return StageResult(state.variables, history, wall_time_s)
+  return StageResult(state.variables, history, wall_time_s, settings)
