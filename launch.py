@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kd_jax import pipeline
+from kd_jax import pipeline, predict
 from kd_jax.errors import KDJaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -20,6 +20,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Config file; override fields with --config.KEY=VALUE.",
     lock_config=True,
 )
+_MODE = flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate", "predict"],
+    "train: run (or resume) every stage and report; evaluate: re-evaluate the finished "
+    "checkpoints of --workdir and rewrite the report; predict: classify --images with "
+    "the workdir's student.",
+)
+_IMAGES = flags.DEFINE_list("images", [], "Image files or folders, for --mode=predict.")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Folder for checkpoints, logs and the report.", required=True
 )
@@ -54,7 +63,13 @@ def main(argv):
       lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
   )
   try:
-    pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    if _MODE.value == "predict":
+      if not _IMAGES.value:
+        _fail("--mode=predict needs --images=FILE_OR_DIR[,...]")
+      for result in predict.predict(_WORKDIR.value, _IMAGES.value):
+        print(predict.format_prediction(result))
+    else:
+      pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value == "train")
   except KDJaxError as e:
     _fail(str(e), e.exit_code)
 

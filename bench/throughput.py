@@ -36,7 +36,6 @@ Usage (from the repository root):
       [--pipeline_dir=/path/to/tree]
 """
 
-import inspect
 import json
 import os
 import sys
@@ -57,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
-from kd_jax import losses, optim, parallel, schedules, train
+from kd_jax import losses, methods, optim, parallel, train
 from kd_jax.data import Dataset, load_dataset
 from kd_jax.data import augment as augment_lib
 from kd_jax.errors import UserInputError
@@ -110,23 +109,6 @@ def new_state(variables: Variables, optimizer: optax.GradientTransformation, mes
   return jax.device_put(
       train.TrainState(jnp.zeros((), jnp.int32), variables, optimizer.init(variables.params)),
       parallel.replicated(mesh),
-  )
-
-
-def distillation_kwargs(distill, steps_per_epoch: int, epochs: int) -> dict:
-  """make_train_step's distillation arguments for `distill` (a config's distill section).
-
-  The step is moving from (temperature_fn, alpha) to one `objective` built by
-  kd_jax.methods; this accepts either, so the benchmark runs on both sides of
-  that change. Drop the old branch once it has landed.
-  """
-  if "objective" in inspect.signature(train.make_train_step).parameters:
-    from kd_jax import methods  # pylint: disable=g-import-not-at-top
-
-    return dict(objective=methods.make_objective(distill, steps_per_epoch, epochs))
-  return dict(
-      temperature_fn=schedules.temperature_schedule(distill, steps_per_epoch, epochs),
-      alpha=distill.alpha,
   )
 
 
@@ -262,7 +244,7 @@ def bench_steps(kinds: list[str], *, batch_size: int, steps: int, warmup: int, a
             data,
             seed=SEED,
             teacher=teacher,
-            **distillation_kwargs(distill, 1, 1),
+            objective=methods.make_objective(distill, 1, 1),
             **step_kwargs,
         )
         extra_args = (teacher_variables,)
@@ -308,7 +290,7 @@ def bench_pipeline(data_dir: str, *, batch_size: int, steps: int, warmup: int, a
       seed=SEED,
       mesh=mesh,
       teacher=teacher,
-      **distillation_kwargs(distill, steps_per_epoch, 1),
+      objective=methods.make_objective(distill, steps_per_epoch, 1),
   )
   gather = train.make_gather(mesh)
   arrays = {"image": data.train_images, "label": data.train_labels}

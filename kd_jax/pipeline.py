@@ -20,6 +20,7 @@ from kd_jax import (
     models,
     parallel,
     plots,
+    predict,
     report,
     train,
 )
@@ -134,10 +135,15 @@ def _summarise(
   return logits, entry
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, may_train: bool = True
+) -> dict:
   """Runs every stage of `config` in `workdir` and writes the report.
 
-  Returns the report (also in <workdir>/report.json and report.md).
+  With `may_train` false (launch.py --mode=evaluate), the stages must be
+  finished already: their checkpoints are evaluated again and the report,
+  plots and export rewritten. Returns the report (also in
+  <workdir>/report.json and report.md).
   """
   mesh = parallel.make_mesh()
   _check_config(config, mesh)
@@ -158,7 +164,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   shape_kwargs = dict(
       num_classes=dataset.num_classes, in_channels=dataset.image_shape[-1], seed=config.seed
   )
-  stage_kwargs = dict(config=config, data=device_data, mesh=mesh)
+  stage_kwargs = dict(config=config, data=device_data, mesh=mesh, may_train=may_train)
+  if jax.process_index() == 0:
+    predict.write_dataset_info(
+        workdir, dataset.class_names, dataset.image_shape, device_data.mean_C, device_data.std_C
+    )
 
   teacher, teacher_variables = create_network(config.teacher.model, **shape_kwargs)
   if config.teacher.checkpoint:

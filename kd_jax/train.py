@@ -231,6 +231,7 @@ def train_stage(
     mesh,
     teacher: Network | None = None,
     teacher_variables: Variables | None = None,
+    may_train: bool = True,
 ) -> StageResult:
   """Trains one stage (teacher, student or baseline) for its configured epochs.
 
@@ -238,7 +239,8 @@ def train_stage(
   epoch end, after a test-set evaluation and a line in metrics.jsonl and
   TensorBoard. A stage with checkpoints resumes from the newest whole one,
   mid-epoch if need be, and ends exactly as an uninterrupted run would; a
-  finished stage just returns its final state.
+  finished stage just returns its final state. With `may_train` false, an
+  unfinished stage is an error instead.
   """
   batch_size, epochs = stage_config.batch_size, stage_config.epochs
   parallel.check_batch_size(batch_size, f"{name}.batch_size", mesh)
@@ -286,6 +288,11 @@ def train_stage(
       "devices": mesh.size,
   }
   step = int(state.step)
+  if not may_train and step < steps * epochs:
+    raise UserInputError(
+        f"{name} has trained {step} of its {steps * epochs} steps in {stage_dir}; "
+        f"finish it with --mode=train first"
+    )
   session_start = time.perf_counter()
   running = RunningMetrics(meta["epoch_sums"], meta["epoch_count"])
   history = meta["history"]

@@ -139,6 +139,18 @@ def _decode_chunk(paths: list[str], image_size: int) -> list[np.ndarray | None]:
   return images
 
 
+def read_image(path: str, height: int, width: int, channels: int) -> np.ndarray | None:
+  """One image decoded as training decodes it, or None if OpenCV cannot read it.
+
+  RGB for 3-channel data, grayscale for 1-channel data, resized to
+  height x width: what predictions on new images need to match training.
+  """
+  image = cv2.imread(path, cv2.IMREAD_COLOR_RGB if channels == 3 else cv2.IMREAD_GRAYSCALE)
+  if image is None:
+    return None
+  return resize.resize_image(image.reshape(*image.shape[:2], channels), height, width)
+
+
 def _drop_undecodable(root, split, files, labels, images):
   """Skips, with a warning, the few files OpenCV cannot decode.
 
