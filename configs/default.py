@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   """The default configuration."""
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.seeds = 1  # student and baseline runs, with seeds seed, seed + 1, ...
 
   config.data = ml_collections.ConfigDict(
       dict(

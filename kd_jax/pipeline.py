@@ -33,6 +33,8 @@ CONFIG_FILE = "config.json"
 def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Rejects settings that would only fail later, after data loading."""
   methods.check(config.distill)
+  if config.seeds < 1:
+    raise UserInputError(f"seeds={config.seeds} must be at least 1")
   for stage in ("teacher", "student"):
     if config[stage].model not in models.model_names():
       raise UserInputError(
@@ -161,16 +163,16 @@ def train_and_evaluate(
   )
   device_data = train.put_on_device(dataset, mesh)
   gather = train.make_gather(mesh)
-  shape_kwargs = dict(
-      num_classes=dataset.num_classes, in_channels=dataset.image_shape[-1], seed=config.seed
-  )
+  shape_kwargs = dict(num_classes=dataset.num_classes, in_channels=dataset.image_shape[-1])
   stage_kwargs = dict(config=config, data=device_data, mesh=mesh, may_train=may_train)
   if jax.process_index() == 0:
     predict.write_dataset_info(
         workdir, dataset.class_names, dataset.image_shape, device_data.mean_C, device_data.std_C
     )
 
-  teacher, teacher_variables = create_network(config.teacher.model, **shape_kwargs)
+  teacher, teacher_variables = create_network(
+      config.teacher.model, seed=config.seed, **shape_kwargs
+  )
   if config.teacher.checkpoint:
     teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
     teacher_variables, meta = _restore_teacher(
@@ -189,14 +191,18 @@ def train_and_evaluate(
         stage_config=config.teacher,
         network=teacher,
         variables=teacher_variables,
+        seed=config.seed,
         **stage_kwargs,
     )
 
-  def train_student(name: str, distilled: bool) -> tuple[Network, train.StageResult]:
+  def train_student(name: str, distilled: bool, seed: int) -> tuple[Network, train.StageResult]:
     # A fresh network each time: the same seed gives the baseline the very same
     # initial weights, and the first stage's arrays are donated to its steps.
     student, variables = create_network(
-        config.student.model, width_multiplier=config.student.width_multiplier, **shape_kwargs
+        config.student.model,
+        width_multiplier=config.student.width_multiplier,
+        seed=seed,
+        **shape_kwargs,
     )
     teacher_kwargs = {}
     if distilled:
@@ -207,13 +213,26 @@ def train_and_evaluate(
         stage_config=config.student,
         network=student,
         variables=variables,
+        seed=seed,
         **teacher_kwargs,
         **stage_kwargs,
     )
 
-  runs = {"teacher": (teacher, teacher_run), "student": train_student("student", True)}
-  if config.baseline.enabled:
-    runs["baseline"] = train_student("baseline", False)
+  # Published KD results are means over runs: with seeds = N, student and
+  # baseline train N times (seed, seed + 1, ...), the teacher once. The first
+  # run of each keeps the plain stage name and feeds the comparison.
+  stage_names = (
+      {"student": True, "baseline": False} if config.baseline.enabled else {"student": True}
+  )
+  runs = {"teacher": (teacher, teacher_run)}
+  repeats = {name: [] for name in stage_names}
+  for index in range(config.seeds):
+    for name, distilled in stage_names.items():
+      stage = name if index == 0 else f"{name}_seed{config.seed + index}"
+      network, run = train_student(stage, distilled, config.seed + index)
+      if index == 0:
+        runs[name] = (network, run)
+      repeats[name].append(run)
 
   results = {
       "dataset": {
@@ -242,6 +261,15 @@ def train_and_evaluate(
         **run.settings,
     }
   agreement = float((predictions["student"] == predictions["teacher"]).mean())
+  if config.seeds > 1:
+    results["seeds"] = {
+        name: report.summarise_runs(
+            [run.history[-1]["test_top1"] for run in stage_runs],
+            [max(epoch["test_top1"] for epoch in run.history) for run in stage_runs],
+            [config.seed + index for index in range(config.seeds)],
+        )
+        for name, stage_runs in repeats.items()
+    }
   results["comparison"] = report.compare(
       results["teacher"], results["student"], results.get("baseline"), agreement
   )

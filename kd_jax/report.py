@@ -3,6 +3,8 @@
 import json
 import os
 
+import numpy as np
+
 MODEL_FIELDS = (  # (key, column title, format)
     ("top1", "top-1 (last epoch)", "{:.4f}"),
     ("best_top1", "top-1 (best epoch)", "{:.4f}"),
@@ -39,6 +41,19 @@ def compare(teacher: dict, student: dict, baseline: dict | None, agreement: floa
   }
 
 
+def summarise_runs(top1s: list[float], best_top1s: list[float], seeds: list[int]) -> dict:
+  """Mean and standard deviation (ddof 1) of last- and best-epoch top-1 over seeds."""
+  return {
+      "seeds": seeds,
+      "top1": top1s,
+      "top1_mean": float(np.mean(top1s)),
+      "top1_std": float(np.std(top1s, ddof=1)),
+      "best_top1": best_top1s,
+      "best_top1_mean": float(np.mean(best_top1s)),
+      "best_top1_std": float(np.std(best_top1s, ddof=1)),
+  }
+
+
 def _format(template: str, value) -> str:
   return "n/a" if value is None else template.format(value)
 
@@ -62,6 +77,21 @@ def to_markdown(report: dict) -> str:
   lines += ["", "| comparison | |", "|---|---|"]
   for key, title, template in COMPARISON_FIELDS:
     lines.append(f"| {title} | {_format(template, report['comparison'][key])} |")
+  if "seeds" in report:
+    lines += [
+        "",
+        f"Over seeds {report['seeds']['student']['seeds']}:",
+        "",
+        "| | top-1 (last) mean ± std | top-1 (best) mean ± std | runs (last) |",
+        "|---|---|---|---|",
+    ]
+    for name, runs in report["seeds"].items():
+      lines.append(
+          f"| {name} | {runs['top1_mean']:.4f} ± {runs['top1_std']:.4f} | "
+          f"{runs['best_top1_mean']:.4f} ± {runs['best_top1_std']:.4f} | "
+          + ", ".join(f"{t:.4f}" for t in runs["top1"])
+          + " |"
+      )
   lines += ["", "![training curves](training_curves.png)", "", "![trade-offs](tradeoffs.png)"]
   return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """Pure, jitted train steps and the loop over epochs that drives them.
 
 A train step takes the state and a batch and returns the new state and
-metrics; it is compiled once per stage and donates its inputs. The dataset
+metrics; it is compiled once per stage and donates the old state. The dataset
 sits in device memory as uint8; a step receives only the batch gathered from
 it, so no image crosses from the host after the first copy.
 """
@@ -231,9 +231,12 @@ def train_stage(
     mesh,
     teacher: Network | None = None,
     teacher_variables: Variables | None = None,
+    seed: int,
     may_train: bool = True,
 ) -> StageResult:
   """Trains one stage (teacher, student or baseline) for its configured epochs.
+
+  `seed` fixes the data order and the augmentation draws.
 
   Saves an Orbax checkpoint every `checkpoint.every_steps` steps and at each
   epoch end, after a test-set evaluation and a line in metrics.jsonl and
@@ -259,7 +262,7 @@ def train_stage(
       optimizer,
       data,
       augmentation=augment_lib.get_augmentation(config.data.augment),
-      seed=config.seed,
+      seed=seed,
       mesh=mesh,
       teacher=teacher,
       objective=objective,
@@ -317,9 +320,10 @@ def train_stage(
     )
     return wall_time_s
 
-  def stop(signum: int):
-    running.flush()
-    save()
+  def stop(signum: int, saved: bool = False):
+    if not saved:
+      running.flush()
+      save()
     checkpoints.close()
     raise Interrupted(
         f"{name}: stopped by signal {signum} at step {step}; checkpoint saved in "
@@ -332,7 +336,7 @@ def train_stage(
   try:
     with stop_requests() as requested:
       for epoch in range(step // steps, epochs):
-        indices_SxB = epoch_indices(config.seed, epoch, data.num_train, batch_size)
+        indices_SxB = epoch_indices(seed, epoch, data.num_train, batch_size)
         epoch_start = time.perf_counter()
         with tqdm(
             total=steps,
@@ -377,10 +381,10 @@ def train_stage(
         running = RunningMetrics()
         wall_time_s = save(test_top1=epoch_metrics["test_top1"])
         if requested:
-          stop(requested[0])
+          stop(requested[0], saved=True)
   except NonFiniteMetric as e:
-    checkpoints.close()
     latest = checkpoints.latest_step()
+    checkpoints.close()
     raise TrainingDiverged(
         f"{name}: {e.name} is {e.value} at step {e.step}; the last good checkpoint is "
         + (f"{checkpoints.directory}/{latest}" if latest is not None else "none (none saved yet)")

@@ -27,8 +27,11 @@ def small_config(**overrides):
   """The quickstart config with SMALL_OVERRIDES and then `overrides` applied."""
   config = quickstart.get_config()
   for key, value in {**SMALL_OVERRIDES, **overrides}.items():
-    section, field = key.split(".")
-    config[section][field] = value
+    *sections, field = key.split(".")
+    holder = config
+    for section in sections:
+      holder = holder[section]
+    holder[field] = value
   return config
 
 

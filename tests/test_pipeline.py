@@ -101,6 +101,22 @@ def test_a_trained_teacher_serves_another_student(
     assert np.isfinite(json.loads(f.readline())[soft_metric])
 
 
+def test_several_seeds_report_mean_and_std(quickstart_run, tmp_path):
+  workdir, _ = quickstart_run
+  config = small_config(**{"student.epochs": 1, "seeds": 2})
+  config.teacher.checkpoint = os.path.join(workdir, "teacher")
+  report = pipeline.train_and_evaluate(config, str(tmp_path))
+  for name in ("student", "baseline"):
+    runs = report["seeds"][name]
+    assert runs["seeds"] == [0, 1] and len(runs["top1"]) == 2
+    assert runs["top1"][0] == report[name]["top1"]
+    assert runs["top1_mean"] == pytest.approx(np.mean(runs["top1"]))
+    assert runs["top1_std"] == pytest.approx(np.std(runs["top1"], ddof=1))
+    assert os.path.isdir(tmp_path / f"{name}_seed1" / "checkpoints")
+  with open(tmp_path / "report.md") as f:
+    assert "mean ± std" in f.read()
+
+
 @pytest.mark.parametrize(
     "field,value,message",
     [
