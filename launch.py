@@ -72,6 +72,9 @@ def main(argv):
       pipeline.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _MODE.value == "train")
   except KDJaxError as e:
     _fail(str(e), e.exit_code)
+  except KeyboardInterrupt:
+    # Outside training (loading data, evaluating) there is nothing to save.
+    _fail("interrupted", 130)
 
 
 if __name__ == "__main__":

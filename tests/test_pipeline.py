@@ -8,6 +8,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from conftest import ROOT, small_config
 from kd_jax import pipeline
@@ -74,6 +75,34 @@ def test_each_stage_writes_metrics_tensorboard_and_checkpoints(quickstart_run):
     assert os.listdir(os.path.join(workdir, stage, "checkpoints"))
   with open(os.path.join(workdir, "student", "metrics.jsonl")) as f:
     assert "kl" in json.loads(f.readline())
+
+
+def test_checkpoints_keep_the_newest_and_the_best(quickstart_run):
+  workdir, report = quickstart_run
+  with open(os.path.join(workdir, "student", "metrics.jsonl")) as f:
+    history = [json.loads(line) for line in f]
+  steps_per_epoch = 1437 // 64
+  best = max(history, key=lambda epoch: epoch["test_top1"])["epoch"] * steps_per_epoch
+  kept = sorted(
+      int(name)
+      for name in os.listdir(os.path.join(workdir, "student", "checkpoints"))
+      if name.isdigit()
+  )
+  newest = 8 * steps_per_epoch
+  assert newest in kept and best in kept
+  assert len(kept) <= 3 + 1  # checkpoint.keep, plus the best
+
+
+def test_cifar_config_runs_on_tfds(tmp_path):
+  config = small_config(**{"teacher.epochs": 1, "student.epochs": 1, "baseline.enabled": False})
+  config.data.update(source="tfds", name="cifar10", augment="crop_flip")
+  config.teacher.model = "resnet8"
+  config.teacher.batch_size = config.student.batch_size = 16
+  config.eval.batch_size = 32
+  with tfds.testing.mock_data(num_examples=48):
+    report = pipeline.train_and_evaluate(config, str(tmp_path))
+  assert report["dataset"]["num_classes"] == 10 and report["dataset"]["num_train"] == 48
+  assert report["student"]["flops"] > 0
 
 
 def test_rerun_restores_finished_stages(quickstart_run):
