@@ -71,6 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.distill = ml_collections.ConfigDict(
       dict(
           method="kd",  # kd | dkd
+          mode="online",  # online: teacher inside the step | offline: its stored logits
+          cache_dtype="float16",  # offline: how the teacher's logits are stored
           temperature=2.0,
           alpha=0.5,  # weight of the soft (KL) term; 1 - alpha weights CE
           temperature_schedule="constant",  # constant | linear | cosine

@@ -92,7 +92,7 @@ class StageCheckpoints:
         # Truncated or overwritten files fail in many ways (JSON, TensorStore, shapes).
         failures[step] = str(e).splitlines()[0] if str(e) else type(e).__name__
         logging.warning(
-            "checkpoint %s/%d is damaged (%s); trying the one before it",
+            "checkpoint %s/%d cannot be restored (%s); trying the one before it",
             self.directory,
             step,
             failures[step],

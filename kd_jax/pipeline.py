@@ -9,6 +9,7 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from kd_jax import (
@@ -22,6 +23,7 @@ from kd_jax import (
     plots,
     predict,
     report,
+    teacher_cache,
     train,
 )
 from kd_jax.errors import UserInputError
@@ -33,6 +35,8 @@ CONFIG_FILE = "config.json"
 def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Rejects settings that would only fail later, after data loading."""
   methods.check(config.distill)
+  if config.distill.mode not in ("online", "offline"):
+    raise UserInputError(f"unknown distill.mode {config.distill.mode!r}; use 'online' or 'offline'")
   if config.seeds < 1:
     raise UserInputError(f"seeds={config.seeds} must be at least 1")
   for stage in ("teacher", "student"):
@@ -137,6 +141,28 @@ def _summarise(
   return logits, entry
 
 
+def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, gather, mesh):
+  """The teacher's logits on the unaugmented training images, from the cache.
+
+  Returns (logits on the devices, replicated; the cache folder).
+  """
+  key = teacher_cache.fingerprint(
+      variables, dataset.train_images, dataset.train_labels, config.distill.cache_dtype
+  )
+  forward = jax.jit(evaluate.make_forward(teacher, device_data.mean_C, device_data.std_C))
+  logits, folder = teacher_cache.load_or_compute(
+      teacher_cache.cache_root(workdir, config.teacher.checkpoint),
+      key,
+      device_data.num_train,
+      dataset.num_classes,
+      config.distill.cache_dtype,
+      lambda: evaluate.predict_logits(
+          forward, variables, device_data.train_images, config.eval.batch_size, gather
+      ),
+  )
+  return jax.device_put(logits, parallel.replicated(mesh)), folder
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, may_train: bool = True
 ) -> dict:
@@ -195,6 +221,12 @@ def train_and_evaluate(
         **stage_kwargs,
     )
 
+  cached_logits, cache_folder = None, None
+  if config.distill.mode == "offline":
+    cached_logits, cache_folder = _teacher_logits(
+        config, workdir, dataset, device_data, teacher, teacher_run.variables, gather, mesh
+    )
+
   def train_student(name: str, distilled: bool, seed: int) -> tuple[Network, train.StageResult]:
     # A fresh network each time: the same seed gives the baseline the very same
     # initial weights, and the first stage's arrays are donated to its steps.
@@ -205,7 +237,9 @@ def train_and_evaluate(
         **shape_kwargs,
     )
     teacher_kwargs = {}
-    if distilled:
+    if distilled and config.distill.mode == "offline":
+      teacher_kwargs = dict(teacher_logits=cached_logits)
+    elif distilled:
       teacher_kwargs = dict(teacher=teacher, teacher_variables=teacher_run.variables)
     return student, train.train_stage(
         name,
@@ -256,11 +290,18 @@ def train_and_evaluate(
         "best_top1": best["test_top1"],
         "best_epoch": best["epoch"],
         "epochs": len(run.history),
+        "epoch_time_s": float(np.mean([epoch["epoch_time_s"] for epoch in run.history])),
         "wall_time_s": run.wall_time_s,
         "model": network.name,
         **run.settings,
     }
   agreement = float((predictions["student"] == predictions["teacher"]).mean())
+  if cache_folder is not None:
+    results["teacher_logits"] = {
+        "folder": cache_folder,
+        "bytes": teacher_cache.size_on_disk(cache_folder),
+        "dtype": config.distill.cache_dtype,
+    }
   if config.seeds > 1:
     results["seeds"] = {
         name: report.summarise_runs(

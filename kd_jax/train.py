@@ -93,8 +93,9 @@ def make_train_step(
   """The jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
 
   With a teacher, it runs in inference mode inside the same step and
-  `objective` compares its logits with the student's; without one the
-  objective sees None. The teacher's variables are an argument, neither
+  `objective` compares its logits with the student's; without one, the
+  objective gets the batch's stored "teacher_logits" if it has them (offline
+  distillation), else None. The teacher's variables are an argument, neither
   updated nor donated, so they stay outside the optimizer and one teacher can
   serve every student.
   """
@@ -107,6 +108,8 @@ def make_train_step(
     teacher_logits_BxC = None
     if teacher is not None:
       teacher_logits_BxC = teacher.apply(teacher_variables, x, train=False)[0]
+    elif "teacher_logits" in batch:  # offline distillation: stored predictions
+      teacher_logits_BxC = batch["teacher_logits"].astype(jnp.float32)
 
     def loss_fn(params):
       logits_BxC, batch_stats = network.apply(
@@ -231,12 +234,15 @@ def train_stage(
     mesh,
     teacher: Network | None = None,
     teacher_variables: Variables | None = None,
+    teacher_logits: jax.Array | None = None,
     seed: int,
     may_train: bool = True,
 ) -> StageResult:
   """Trains one stage (teacher, student or baseline) for its configured epochs.
 
-  `seed` fixes the data order and the augmentation draws.
+  `seed` fixes the data order and the augmentation draws. The student
+  distils from `teacher` run inside the step (online), or from
+  `teacher_logits`, one row per training example (offline).
 
   Saves an Orbax checkpoint every `checkpoint.every_steps` steps and at each
   epoch end, after a test-set evaluation and a line in metrics.jsonl and
@@ -255,7 +261,7 @@ def train_stage(
   steps = data.num_train // batch_size
   optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs)
   objective = methods.cross_entropy_objective
-  if teacher is not None:
+  if teacher is not None or teacher_logits is not None:
     objective = methods.make_objective(config.distill, steps, epochs)
   train_step = make_train_step(
       network,
@@ -331,6 +337,9 @@ def train_stage(
         signum,
     )
 
+  arrays = {"image": data.train_images, "label": data.train_labels}
+  if teacher_logits is not None:
+    arrays["teacher_logits"] = teacher_logits
   log = logs.StageLog(stage_dir)
   wall_time_s = meta["wall_time_s"]
   try:
@@ -346,7 +355,7 @@ def train_stage(
             disable=None if jax.process_index() == 0 else True,
         ) as progress:
           for indices_B in indices_SxB[step % steps :]:
-            batch = gather({"image": data.train_images, "label": data.train_labels}, indices_B)
+            batch = gather(arrays, indices_B)
             state, metrics = train_step(state, batch, teacher_variables)
             step += 1
             running.add(step, metrics)
