@@ -108,3 +108,35 @@ def test_reexport_replaces_the_folder_and_a_failed_one_leaves_it(exported):
       [export.MODEL_FILE, export.SAVED_MODEL_DIR, export.PREPROCESS_FILE]
   )
   assert os.listdir(parent) == ["export"]
+
+
+def test_a_trained_students_export_on_real_digits(quickstart_run):
+  """The pipeline's export of its trained student, on a real batch of digits."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  from kd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  workdir, _ = quickstart_run
+  folder = os.path.join(workdir, "export", "student")
+  with open(os.path.join(folder, export.PREPROCESS_FILE)) as f:
+    preprocess = json.load(f)
+  digits = np.rint(load_digits().images[:32] * 255 / 16)[..., None]
+  images = ((digits / 255 - preprocess["mean"]) / preprocess["std"]).astype(np.float32)
+
+  network, template = create_network(
+      "dsconv_student", num_classes=10, in_channels=1, seed=0, width_multiplier=0.5
+  )
+  variables, _ = checkpoint.restore_variables(
+      os.path.join(workdir, "student"), template, lambda meta: None
+  )
+  want = np.asarray(network.apply(variables, images, train=False)[0])
+  served = export.load_exported(os.path.join(folder, export.MODEL_FILE))
+  np.testing.assert_allclose(np.asarray(served(images)), want, atol=1e-5)
+  signature = tf.saved_model.load(os.path.join(folder, export.SAVED_MODEL_DIR)).signatures[
+      "serving_default"
+  ]
+  np.testing.assert_allclose(
+      signature(images=tf.constant(images))["logits"].numpy(), want, atol=1e-5
+  )
+  assert (want.argmax(-1) == load_digits().target[:32]).mean() > 0.8

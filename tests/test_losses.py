@@ -270,3 +270,41 @@ def test_standardized_distillation_loss_matches_reference(scale, temperature, al
   np.testing.assert_allclose(float(parts["ce"]), want_ce, rtol=1e-6, atol=tol)
   np.testing.assert_allclose(float(parts["kl"]), want_kl, rtol=1e-5)
   np.testing.assert_allclose(float(total), want_total, rtol=1e-5, atol=tol)
+
+
+def test_dkd_with_beta_zero_is_its_target_class_term():
+  rng = np.random.default_rng(7)
+  student, teacher = rng.normal(size=(2, 16, 1000)).astype(np.float32) * 5
+  labels = rng.integers(0, 1000, 16)
+  temperature = 4.0
+
+  # TCKD alone, from the paper: KL between the binary (target, rest) distributions.
+  def binary(logits):
+    z = logits.astype(np.float64) / temperature
+    z = z - z.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    p_target = p[np.arange(16), labels]
+    return np.stack([p_target, 1 - p_target], -1)
+
+  b_t, b_s = binary(teacher), binary(student)
+  tckd = (b_t * (np.log(b_t) - np.log(b_s))).sum(-1).mean() * temperature**2
+  got = losses.dkd_loss(student, teacher, labels, alpha=1.0, beta=0.0, temperature=temperature)
+  np.testing.assert_allclose(float(got), tckd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd"])
+def test_standardised_losses_ignore_shifts_and_scales_of_the_logits(method):
+  rng = np.random.default_rng(8)
+  student, teacher = rng.normal(size=(2, 8, 100)).astype(np.float32)
+  labels = rng.integers(0, 100, 8)
+
+  def soft_term(s, t):
+    if method == "kd":
+      return losses.distillation_loss(s, t, labels, 2.0, 1.0, logit_standardization=True)[0]
+    return losses.dkd_loss(
+        s, t, labels, alpha=1.0, beta=8.0, temperature=2.0, logit_standardization=True
+    )
+
+  base = float(soft_term(student, teacher))
+  moved = float(soft_term(3.0 * student + 7.0, 0.5 * teacher - 20.0))
+  np.testing.assert_allclose(moved, base, rtol=1e-4)
