@@ -73,6 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
           method="kd",  # kd | dkd
           mode="online",  # online: teacher inside the step | offline: its stored logits
           cache_dtype="float16",  # offline: how the teacher's logits are stored
+          cache="plain",  # offline: plain (unaugmented images) | consistent (the student's views)
           temperature=2.0,
           alpha=0.5,  # weight of the soft (KL) term; 1 - alpha weights CE
           temperature_schedule="constant",  # constant | linear | cosine

@@ -26,6 +26,7 @@ from kd_jax import (
     teacher_cache,
     train,
 )
+from kd_jax.data import augment as augment_lib
 from kd_jax.errors import UserInputError
 from kd_jax.network import Network, Variables, create_network
 
@@ -142,25 +143,72 @@ def _summarise(
 
 
 def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, gather, mesh):
-  """The teacher's logits on the unaugmented training images, from the cache.
+  """Offline distillation's stored teacher predictions, computed if absent.
 
-  Returns (logits on the devices, replicated; the cache folder).
+  Returns (keyword arguments for the student's train_stage, the cache folder):
+  `teacher_logits` (plain: one row per unaugmented training image, on the
+  devices) or `teacher_views` (consistent: per epoch, the logits of every
+  step's augmented batch).
   """
+  distill, student = config.distill, config.student
+  root = teacher_cache.cache_root(workdir, config.teacher.checkpoint)
+  if distill.cache == "plain":
+    key = teacher_cache.fingerprint(
+        variables, dataset.train_images, dataset.train_labels, distill.cache_dtype, "plain"
+    )
+    forward = jax.jit(evaluate.make_forward(teacher, device_data.mean_C, device_data.std_C))
+    logits, folder = teacher_cache.load_or_compute(
+        root,
+        key,
+        device_data.num_train,
+        dataset.num_classes,
+        distill.cache_dtype,
+        lambda: evaluate.predict_logits(
+            forward, variables, device_data.train_images, config.eval.batch_size, gather
+        ),
+    )
+    return {"teacher_logits": jax.device_put(logits, parallel.replicated(mesh))}, folder
+  if distill.cache != "consistent":
+    raise UserInputError(f"unknown distill.cache {distill.cache!r}; use 'plain' or 'consistent'")
+
+  # Each student step's view is a pure function of (seed, step): make them all
+  # now, exactly as train_stage will, and keep the teacher's logits for them.
+  augmentation = augment_lib.get_augmentation(config.data.augment)
+  steps = device_data.num_train // student.batch_size
   key = teacher_cache.fingerprint(
-      variables, dataset.train_images, dataset.train_labels, config.distill.cache_dtype
+      variables,
+      dataset.train_images,
+      dataset.train_labels,
+      distill.cache_dtype,
+      "consistent",
+      config.data.augment,
+      config.seed,
+      student.batch_size,
+      student.epochs,
   )
-  forward = jax.jit(evaluate.make_forward(teacher, device_data.mean_C, device_data.std_C))
-  logits, folder = teacher_cache.load_or_compute(
-      teacher_cache.cache_root(workdir, config.teacher.checkpoint),
+
+  @jax.jit
+  def teacher_on_view(images_BxHxWxC, step):
+    x = train.student_view(augmentation, config.seed, step, images_BxHxWxC, device_data)
+    return teacher.apply(variables, x, train=False)[0]
+
+  def compute_epoch(epoch):
+    indices_SxB = train.epoch_indices(config.seed, epoch, device_data.num_train, student.batch_size)
+    logits = [
+        teacher_on_view(gather(device_data.train_images, indices_B), epoch * steps + position)
+        for position, indices_B in enumerate(indices_SxB)
+    ]
+    return np.stack(jax.device_get(logits))
+
+  views, folder = teacher_cache.load_or_compute_views(
+      root,
       key,
-      device_data.num_train,
-      dataset.num_classes,
-      config.distill.cache_dtype,
-      lambda: evaluate.predict_logits(
-          forward, variables, device_data.train_images, config.eval.batch_size, gather
-      ),
+      student.epochs,
+      (steps, student.batch_size, dataset.num_classes),
+      distill.cache_dtype,
+      compute_epoch,
   )
-  return jax.device_put(logits, parallel.replicated(mesh)), folder
+  return {"teacher_views": views}, folder
 
 
 def train_and_evaluate(
@@ -221,9 +269,9 @@ def train_and_evaluate(
         **stage_kwargs,
     )
 
-  cached_logits, cache_folder = None, None
+  offline_kwargs, cache_folder = {}, None
   if config.distill.mode == "offline":
-    cached_logits, cache_folder = _teacher_logits(
+    offline_kwargs, cache_folder = _teacher_logits(
         config, workdir, dataset, device_data, teacher, teacher_run.variables, gather, mesh
     )
 
@@ -238,7 +286,7 @@ def train_and_evaluate(
     )
     teacher_kwargs = {}
     if distilled and config.distill.mode == "offline":
-      teacher_kwargs = dict(teacher_logits=cached_logits)
+      teacher_kwargs = offline_kwargs
     elif distilled:
       teacher_kwargs = dict(teacher=teacher, teacher_variables=teacher_run.variables)
     return student, train.train_stage(
@@ -301,6 +349,7 @@ def train_and_evaluate(
         "folder": cache_folder,
         "bytes": teacher_cache.size_on_disk(cache_folder),
         "dtype": config.distill.cache_dtype,
+        "kind": config.distill.cache,
     }
   if config.seeds > 1:
     results["seeds"] = {

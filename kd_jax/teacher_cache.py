@@ -6,7 +6,10 @@ and the storage dtype: students trained later on the same teacher and data
 reuse it without running the teacher, and a cache of another teacher or other
 data is never taken for this one. It is written into a temporary folder and
 renamed when whole, so a killed run never leaves a partial cache behind.
-This is the guide's kind of cache: one prediction per unaugmented image.
+Two kinds: `plain`, the guide's, one prediction per unaugmented image; and
+`consistent`, the predictions for exactly the augmented views the student
+will see in each step of each epoch, which the augmentation, a pure function
+of (seed, step), lets us compute ahead.
 """
 
 import hashlib
@@ -14,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+from typing import Callable
 
 import jax
 import numpy as np
@@ -26,9 +30,15 @@ LOGITS_FILE = "logits.npy"
 DTYPES = ("float16", "float32")
 
 
-def fingerprint(teacher_variables, images: np.ndarray, labels: np.ndarray, dtype: str) -> str:
-  """A hash of everything the cached logits depend on."""
-  digest = hashlib.sha256(dtype.encode())
+def fingerprint(
+    teacher_variables, images: np.ndarray, labels: np.ndarray, dtype: str, *settings
+) -> str:
+  """A hash of everything the cached logits depend on.
+
+  `settings` add what else decides them (for consistent views: the
+  augmentation, seed, batch size and epochs).
+  """
+  digest = hashlib.sha256(json.dumps([dtype, *settings]).encode())
   for leaf in jax.tree.leaves(jax.device_get(teacher_variables)):
     digest.update(np.ascontiguousarray(leaf).tobytes())
   digest.update(np.ascontiguousarray(images).tobytes())
@@ -53,7 +63,7 @@ def cache_root(workdir: str, teacher_checkpoint: str) -> str:
 
 
 def load_or_compute(
-    workdir: str, key: str, num_examples: int, num_classes: int, dtype: str, compute
+    root: str, key: str, num_examples: int, num_classes: int, dtype: str, compute
 ) -> tuple[np.ndarray, str]:
   """The cached logits for `key`, computing and storing them if absent.
 
@@ -62,7 +72,7 @@ def load_or_compute(
   """
   if dtype not in DTYPES:
     raise UserInputError(f"distill.cache_dtype={dtype!r}; use one of {', '.join(DTYPES)}")
-  folder = os.path.join(os.path.abspath(workdir), CACHE_DIR, key)
+  folder = os.path.join(os.path.abspath(root), CACHE_DIR, key)
   path = os.path.join(folder, LOGITS_FILE)
   if os.path.exists(path):
     logits = np.load(path, allow_pickle=False)
@@ -74,18 +84,71 @@ def load_or_compute(
     logging.info("reusing the teacher's logits from %s", folder)
     return logits, folder
   logits = np.asarray(compute(), dtype=dtype)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(folder), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{key}-", dir=os.path.dirname(folder))
-    np.save(os.path.join(staging, LOGITS_FILE), logits, allow_pickle=False)
-    with open(os.path.join(staging, "meta.json"), "w") as f:
-      json.dump({"shape": list(logits.shape), "dtype": dtype, "kind": "plain"}, f)
-    try:
-      os.rename(staging, folder)
-    except OSError:  # another process finished the same cache first
-      shutil.rmtree(staging)
-  logging.info("stored the teacher's logits in %s", folder)
+  staging = _staging_folder(root, key)
+  np.save(os.path.join(staging, LOGITS_FILE), logits, allow_pickle=False)
+  _publish(staging, folder, {"shape": list(logits.shape), "dtype": dtype, "kind": "plain"})
   return logits, folder
+
+
+def load_or_compute_views(
+    root: str, key: str, epochs: int, shape: tuple, dtype: str, compute_epoch
+) -> tuple[Callable[[int], np.ndarray], str]:
+  """Consistent views: the teacher's logits for each step's augmented batch.
+
+  `compute_epoch(epoch)` returns float32 logits of shape `shape` (steps x
+  batch x classes). All epochs are computed and stored at once, when absent.
+  Returns (a reader epoch -> logits, the cache folder).
+  """
+  if dtype not in DTYPES:
+    raise UserInputError(f"distill.cache_dtype={dtype!r}; use one of {', '.join(DTYPES)}")
+  folder = os.path.join(os.path.abspath(root), CACHE_DIR, key)
+  paths = [os.path.join(folder, f"epoch_{epoch:04d}.npy") for epoch in range(epochs)]
+  if os.path.isdir(folder):
+    for path in paths:
+      if not os.path.exists(path):
+        raise UserInputError(
+            f"teacher-logit cache {folder} lacks {os.path.basename(path)}; "
+            f"delete {folder} to rebuild it"
+        )
+      stored = np.load(path, mmap_mode="r", allow_pickle=False).shape
+      if stored != tuple(shape):
+        raise UserInputError(
+            f"teacher-logit cache {path} holds {stored}, not {tuple(shape)}; "
+            f"delete {folder} to rebuild it"
+        )
+    logging.info("reusing the teacher's logits of every view from %s", folder)
+  else:
+    staging = _staging_folder(root, key)
+    for epoch in range(epochs):
+      np.save(
+          os.path.join(staging, os.path.basename(paths[epoch])),
+          np.asarray(compute_epoch(epoch), dtype=dtype),
+          allow_pickle=False,
+      )
+    _publish(
+        staging,
+        folder,
+        {"shape": list(shape), "dtype": dtype, "kind": "consistent", "epochs": epochs},
+    )
+  return (lambda epoch: np.load(paths[epoch], allow_pickle=False)), folder
+
+
+def _staging_folder(root: str, key: str) -> str:
+  """A temporary folder beside the cache, renamed into place when whole."""
+  parent = os.path.join(os.path.abspath(root), CACHE_DIR)
+  os.makedirs(parent, exist_ok=True)
+  return tempfile.mkdtemp(prefix=f".{key}-", dir=parent)
+
+
+def _publish(staging: str, folder: str, meta: dict) -> None:
+  """Renames a whole staging folder into place (atomic on one filesystem)."""
+  with open(os.path.join(staging, "meta.json"), "w") as f:
+    json.dump(meta, f)
+  try:
+    os.rename(staging, folder)
+  except OSError:  # another process finished the same cache first
+    shutil.rmtree(staging)
+  logging.info("stored the teacher's logits in %s", folder)
 
 
 def size_on_disk(folder: str) -> int:

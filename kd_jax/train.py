@@ -79,6 +79,19 @@ def make_gather(mesh) -> Callable:
   )
 
 
+def student_view(
+    augmentation: Callable, seed: int, step: jax.Array, images_BxHxWxC: jax.Array, data: DeviceData
+) -> jax.Array:
+  """What the student sees at `step`: the batch augmented, then normalised.
+
+  The augmentation draws come from (seed, step) alone, so the views of any
+  step can be made again, e.g. for the teacher ahead of time (offline
+  distillation with consistent views).
+  """
+  images = augmentation(jax.random.fold_in(jax.random.key(seed), step), images_BxHxWxC)
+  return augment_lib.normalize(images, data.mean_C, data.std_C)
+
+
 def make_train_step(
     network: Network,
     optimizer: optax.GradientTransformation,
@@ -99,11 +112,9 @@ def make_train_step(
   updated nor donated, so they stay outside the optimizer and one teacher can
   serve every student.
   """
-  root_key = jax.random.key(seed)
 
   def train_step(state: TrainState, batch: dict, teacher_variables: Variables | None):
-    images = augmentation(jax.random.fold_in(root_key, state.step), batch["image"])
-    x = augment_lib.normalize(images, data.mean_C, data.std_C)
+    x = student_view(augmentation, seed, state.step, batch["image"], data)
     labels_B = batch["label"]
     teacher_logits_BxC = None
     if teacher is not None:
@@ -235,14 +246,17 @@ def train_stage(
     teacher: Network | None = None,
     teacher_variables: Variables | None = None,
     teacher_logits: jax.Array | None = None,
+    teacher_views: Callable[[int], np.ndarray] | None = None,
     seed: int,
     may_train: bool = True,
 ) -> StageResult:
   """Trains one stage (teacher, student or baseline) for its configured epochs.
 
   `seed` fixes the data order and the augmentation draws. The student
-  distils from `teacher` run inside the step (online), or from
-  `teacher_logits`, one row per training example (offline).
+  distils from `teacher` run inside the step (online), from `teacher_logits`,
+  one row per training example (offline, plain), or from `teacher_views(epoch)`,
+  the logits of exactly the views each step of that epoch shows the student,
+  steps x batch x classes (offline, consistent).
 
   Saves an Orbax checkpoint every `checkpoint.every_steps` steps and at each
   epoch end, after a test-set evaluation and a line in metrics.jsonl and
@@ -261,7 +275,7 @@ def train_stage(
   steps = data.num_train // batch_size
   optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs)
   objective = methods.cross_entropy_objective
-  if teacher is not None or teacher_logits is not None:
+  if teacher is not None or teacher_logits is not None or teacher_views is not None:
     objective = methods.make_objective(config.distill, steps, epochs)
   train_step = make_train_step(
       network,
@@ -354,8 +368,12 @@ def train_stage(
             leave=False,
             disable=None if jax.process_index() == 0 else True,
         ) as progress:
-          for indices_B in indices_SxB[step % steps :]:
-            batch = gather(arrays, indices_B)
+          if teacher_views is not None:
+            view_logits = jax.device_put(list(teacher_views(epoch)), parallel.batch_sharding(mesh))
+          for position in range(step % steps, steps):
+            batch = gather(arrays, indices_SxB[position])
+            if teacher_views is not None:
+              batch["teacher_logits"] = view_logits[position]
             state, metrics = train_step(state, batch, teacher_variables)
             step += 1
             running.add(step, metrics)

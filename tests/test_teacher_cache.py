@@ -89,3 +89,31 @@ def test_partial_and_misshapen_caches(tmp_path):
     teacher_cache.load_or_compute(str(tmp_path), "abc", 4, 2, "float16", compute)
   with pytest.raises(UserInputError, match="cache_dtype"):
     teacher_cache.load_or_compute(str(tmp_path), "abd", 3, 2, "int8", compute)
+
+
+def test_consistent_views_match_online_distillation_with_augmentation(quickstart_run, tmp_path):
+  teacher_run = tmp_path / "teacher_run"
+  shutil.copytree(os.path.join(quickstart_run[0], "teacher"), teacher_run / "teacher")
+
+  def config(mode):
+    # One epoch: training amplifies last-bit differences between the teacher's
+    # forward inside the step and the same forward compiled on its own.
+    config = _offline_config(teacher_run, **{"student.epochs": 1})
+    config.data.augment = "crop_flip"
+    config.distill.update(mode=mode, cache="consistent")
+    return config
+
+  offline = pipeline.train_and_evaluate(config("offline"), str(tmp_path / "offline"))
+  pipeline.train_and_evaluate(config("online"), str(tmp_path / "online"))
+  # The teacher saw exactly the crops and flips the student saw, step by step.
+  for a, b in zip(_metrics(tmp_path / "online"), _metrics(tmp_path / "offline"), strict=True):
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert b["kl"] == pytest.approx(a["kl"], rel=1e-3)
+    assert b["test_top1"] == pytest.approx(a["test_top1"], abs=2 / 360)
+
+  folder = offline["teacher_logits"]["folder"]
+  assert offline["teacher_logits"]["kind"] == "consistent"
+  assert sorted(name for name in os.listdir(folder) if name.endswith(".npy")) == ["epoch_0000.npy"]
+  assert np.load(os.path.join(folder, "epoch_0000.npy")).shape == (1437 // 64, 64, 10)
+  again = pipeline.train_and_evaluate(config("offline"), str(tmp_path / "again"))
+  assert again["teacher_logits"]["folder"] == folder
