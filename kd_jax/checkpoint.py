@@ -119,10 +119,6 @@ class StageCheckpoints:
     """The newest complete checkpoint's step, or None."""
     return self._manager.latest_step()
 
-  def wait(self) -> None:
-    """Blocks until pending writes are on disk."""
-    self._manager.wait_until_finished()
-
   def close(self) -> None:
     """Waits for pending writes, then releases the manager."""
     self._manager.wait_until_finished()
