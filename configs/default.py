@@ -45,6 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
           download=True,  # may TFDS download the dataset if it is not prepared?
           tfds_data_dir="",  # where TFDS keeps prepared data; "" is its default
           augment="crop_flip",  # crop_flip (pad-4 random crop + horizontal flip) | none
+          # source=folder: logits from another tool, dir/train/<class>/<image>.npy per
+          # training image (offline distillation with no kd_jax teacher)
+          teacher_logits_dir="",
       )
   )
 
@@ -74,6 +77,7 @@ def get_config() -> ml_collections.ConfigDict:
           mode="online",  # online: teacher inside the step | offline: its stored logits
           cache_dtype="float16",  # offline: how the teacher's logits are stored
           cache="plain",  # offline: plain (unaugmented images) | consistent (the student's views)
+          cache_top_k=0,  # offline: store only the k largest logits (+ the rest's mean); 0: all
           temperature=2.0,
           alpha=0.5,  # weight of the soft (KL) term; 1 - alpha weights CE
           temperature_schedule="constant",  # constant | linear | cosine

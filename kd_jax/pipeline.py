@@ -38,6 +38,29 @@ def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
   methods.check(config.distill)
   if config.distill.mode not in ("online", "offline"):
     raise UserInputError(f"unknown distill.mode {config.distill.mode!r}; use 'online' or 'offline'")
+  teacher_cache.check_settings(config.distill.cache_dtype, config.distill.cache_top_k)
+  if config.data.teacher_logits_dir:
+    if config.data.source != "folder":
+      raise UserInputError(
+          "data.teacher_logits_dir pairs logit files with image files: it needs "
+          f"data.source=folder, not {config.data.source!r}"
+      )
+    conflicts = [
+        f"{key}={value!r}"
+        for key, value, wanted in (
+            ("distill.mode", config.distill.mode, "offline"),
+            ("distill.cache", config.distill.cache, "plain"),
+        )
+        if value != wanted
+    ]
+    if config.teacher.checkpoint:
+      conflicts.append(f"teacher.checkpoint={config.teacher.checkpoint!r}")
+    if conflicts:
+      raise UserInputError(
+          "data.teacher_logits_dir gives the teacher's logits, so kd_jax runs no teacher: "
+          f"set distill.mode=offline and distill.cache=plain and no teacher.checkpoint "
+          f"(now {', '.join(conflicts)})"
+      )
   if config.seeds < 1:
     raise UserInputError(f"seeds={config.seeds} must be at least 1")
   for stage in ("teacher", "student"):
@@ -151,23 +174,29 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
   step's augmented batch).
   """
   distill, student = config.distill, config.student
+  storage = dict(dtype=distill.cache_dtype, top_k=distill.cache_top_k)
   root = teacher_cache.cache_root(workdir, config.teacher.checkpoint)
   if distill.cache == "plain":
     key = teacher_cache.fingerprint(
-        variables, dataset.train_images, dataset.train_labels, distill.cache_dtype, "plain"
+        variables,
+        dataset.train_images,
+        dataset.train_labels,
+        distill.cache_dtype,
+        "plain",
+        distill.cache_top_k,
     )
     forward = jax.jit(evaluate.make_forward(teacher, device_data.mean_C, device_data.std_C))
-    logits, folder = teacher_cache.load_or_compute(
+    stored, folder = teacher_cache.load_or_compute(
         root,
         key,
         device_data.num_train,
         dataset.num_classes,
-        distill.cache_dtype,
         lambda: evaluate.predict_logits(
             forward, variables, device_data.train_images, config.eval.batch_size, gather
         ),
+        **storage,
     )
-    return {"teacher_logits": jax.device_put(logits, parallel.replicated(mesh))}, folder
+    return {"teacher_logits": jax.device_put(stored, parallel.replicated(mesh))}, folder
   if distill.cache != "consistent":
     raise UserInputError(f"unknown distill.cache {distill.cache!r}; use 'plain' or 'consistent'")
 
@@ -185,6 +214,7 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
       config.seed,
       student.batch_size,
       student.epochs,
+      distill.cache_top_k,
   )
 
   @jax.jit
@@ -205,10 +235,48 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
       key,
       student.epochs,
       (steps, student.batch_size, dataset.num_classes),
-      distill.cache_dtype,
       compute_epoch,
+      **storage,
   )
   return {"teacher_views": views}, folder
+
+
+def _teacher_stage(config, workdir, dataset, shape_kwargs, stage_kwargs):
+  """The teacher network and its trained state: restored from teacher.checkpoint, or trained."""
+  teacher, variables = create_network(config.teacher.model, seed=config.seed, **shape_kwargs)
+  if not config.teacher.checkpoint:
+    return teacher, train.train_stage(
+        "teacher",
+        os.path.join(workdir, "teacher"),
+        stage_config=config.teacher,
+        network=teacher,
+        variables=variables,
+        seed=config.seed,
+        **stage_kwargs,
+    )
+  variables = jax.device_put(variables, parallel.replicated(stage_kwargs["mesh"]))
+  variables, meta = _restore_teacher(
+      config.teacher.checkpoint, variables, config.teacher.model, dataset.num_classes
+  )
+  return teacher, train.StageResult(
+      variables, meta["history"], meta["wall_time_s"], meta["settings"]
+  )
+
+
+def _foreign_teacher_logits(config, dataset, mesh):
+  """Offline distillation from data.teacher_logits_dir: logits another tool wrote.
+
+  Returns the student's train_stage keyword arguments and the folder read.
+  """
+  logits = teacher_cache.load_foreign(
+      config.data.teacher_logits_dir, dataset.train_files, dataset.num_classes
+  )
+  stored = teacher_cache.encode(logits, config.distill.cache_top_k, config.distill.cache_dtype)
+  logging.info(
+      "distilling from %d teacher-logit files in %s", len(logits), config.data.teacher_logits_dir
+  )
+  teacher_logits = jax.device_put(stored, parallel.replicated(mesh))
+  return {"teacher_logits": teacher_logits}, os.path.abspath(config.data.teacher_logits_dir)
 
 
 def train_and_evaluate(
@@ -244,36 +312,16 @@ def train_and_evaluate(
         workdir, dataset.class_names, dataset.image_shape, device_data.mean_C, device_data.std_C
     )
 
-  teacher, teacher_variables = create_network(
-      config.teacher.model, seed=config.seed, **shape_kwargs
-  )
-  if config.teacher.checkpoint:
-    teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
-    teacher_variables, meta = _restore_teacher(
-        config.teacher.checkpoint,
-        teacher_variables,
-        config.teacher.model,
-        dataset.num_classes,
-    )
-    teacher_run = train.StageResult(
-        teacher_variables, meta["history"], meta["wall_time_s"], meta["settings"]
-    )
+  if config.data.teacher_logits_dir:  # made by another tool: no teacher here
+    teacher = teacher_run = None
+    offline_kwargs, cache_folder = _foreign_teacher_logits(config, dataset, mesh)
   else:
-    teacher_run = train.train_stage(
-        "teacher",
-        os.path.join(workdir, "teacher"),
-        stage_config=config.teacher,
-        network=teacher,
-        variables=teacher_variables,
-        seed=config.seed,
-        **stage_kwargs,
-    )
-
-  offline_kwargs, cache_folder = {}, None
-  if config.distill.mode == "offline":
-    offline_kwargs, cache_folder = _teacher_logits(
-        config, workdir, dataset, device_data, teacher, teacher_run.variables, gather, mesh
-    )
+    teacher, teacher_run = _teacher_stage(config, workdir, dataset, shape_kwargs, stage_kwargs)
+    offline_kwargs, cache_folder = {}, None
+    if config.distill.mode == "offline":
+      offline_kwargs, cache_folder = _teacher_logits(
+          config, workdir, dataset, device_data, teacher, teacher_run.variables, gather, mesh
+      )
 
   def train_student(name: str, distilled: bool, seed: int) -> tuple[Network, train.StageResult]:
     # A fresh network each time: the same seed gives the baseline the very same
@@ -306,7 +354,7 @@ def train_and_evaluate(
   stage_names = (
       {"student": True, "baseline": False} if config.baseline.enabled else {"student": True}
   )
-  runs = {"teacher": (teacher, teacher_run)}
+  runs = {"teacher": (teacher, teacher_run)} if teacher else {}
   repeats = {name: [] for name in stage_names}
   for index in range(config.seeds):
     for name, distilled in stage_names.items():
@@ -343,13 +391,13 @@ def train_and_evaluate(
         "model": network.name,
         **run.settings,
     }
-  agreement = float((predictions["student"] == predictions["teacher"]).mean())
   if cache_folder is not None:
     results["teacher_logits"] = {
         "folder": cache_folder,
         "bytes": teacher_cache.size_on_disk(cache_folder),
         "dtype": config.distill.cache_dtype,
-        "kind": config.distill.cache,
+        "top_k": config.distill.cache_top_k,
+        "kind": "foreign" if config.data.teacher_logits_dir else config.distill.cache,
     }
   if config.seeds > 1:
     results["seeds"] = {
@@ -361,7 +409,10 @@ def train_and_evaluate(
         for name, stage_runs in repeats.items()
     }
   results["comparison"] = report.compare(
-      results["teacher"], results["student"], results.get("baseline"), agreement
+      results.get("teacher"),
+      results["student"],
+      results.get("baseline"),
+      float((predictions["student"] == predictions["teacher"]).mean()) if teacher else None,
   )
   if jax.process_index() == 0:
     report.write_report(results, workdir)

@@ -31,12 +31,18 @@ COMPARISON_FIELDS = (
 )
 
 
-def compare(teacher: dict, student: dict, baseline: dict | None, agreement: float) -> dict:
-  """The "comparison" section: what the student costs and keeps of the teacher."""
+def compare(
+    teacher: dict | None, student: dict, baseline: dict | None, agreement: float | None
+) -> dict:
+  """The "comparison" section: what the student costs and keeps of the teacher.
+
+  Without a teacher entry (its logits came from another tool) the teacher's
+  side is unknown and those fields are None.
+  """
   return {
-      "size_reduction": teacher["param_bytes"] / student["param_bytes"],
-      "speedup_latency": teacher["latency_ms"] / student["latency_ms"],
-      "speedup_throughput": student["throughput"] / teacher["throughput"],
+      "size_reduction": teacher["param_bytes"] / student["param_bytes"] if teacher else None,
+      "speedup_latency": teacher["latency_ms"] / student["latency_ms"] if teacher else None,
+      "speedup_throughput": student["throughput"] / teacher["throughput"] if teacher else None,
       "agreement": agreement,
       "kd_gain": student["top1"] - baseline["top1"] if baseline else None,
   }
@@ -75,6 +81,14 @@ def to_markdown(report: dict) -> str:
   for key, title, template in MODEL_FIELDS:
     cells = [_format(template, report[name].get(key)) for name in names]
     lines.append(f"| {title} | " + " | ".join(cells) + " |")
+  if "teacher_logits" in report:
+    cache = report["teacher_logits"]
+    kept = f"top {cache['top_k']} logits" if cache["top_k"] else "all logits"
+    lines += [
+        "",
+        f"Offline distillation from stored teacher logits ({cache['kind']}, {cache['dtype']}, "
+        f"{kept}): {cache['bytes'] / 2**20:.1f} MiB in {cache['folder']}.",
+    ]
   lines += ["", "| comparison | |", "|---|---|"]
   for key, title, template in COMPARISON_FIELDS:
     lines.append(f"| {title} | {_format(template, report['comparison'][key])} |")

@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from kd_jax import evaluate, logs, methods, optim, parallel
+from kd_jax import evaluate, logs, methods, optim, parallel, teacher_cache
 from kd_jax.checkpoint import StageCheckpoints
 from kd_jax.data import Dataset
 from kd_jax.data import augment as augment_lib
@@ -108,7 +108,7 @@ def make_train_step(
   With a teacher, it runs in inference mode inside the same step and
   `objective` compares its logits with the student's; without one, the
   objective gets the batch's stored "teacher_logits" if it has them (offline
-  distillation), else None. The teacher's variables are an argument, neither
+  distillation, in `teacher_cache.encode`'s form), else None. The teacher's variables are an argument, neither
   updated nor donated, so they stay outside the optimizer and one teacher can
   serve every student.
   """
@@ -120,7 +120,7 @@ def make_train_step(
     if teacher is not None:
       teacher_logits_BxC = teacher.apply(teacher_variables, x, train=False)[0]
     elif "teacher_logits" in batch:  # offline distillation: stored predictions
-      teacher_logits_BxC = batch["teacher_logits"].astype(jnp.float32)
+      teacher_logits_BxC = teacher_cache.decode(batch["teacher_logits"], data.num_classes)
 
     def loss_fn(params):
       logits_BxC, batch_stats = network.apply(
@@ -245,8 +245,8 @@ def train_stage(
     mesh,
     teacher: Network | None = None,
     teacher_variables: Variables | None = None,
-    teacher_logits: jax.Array | None = None,
-    teacher_views: Callable[[int], np.ndarray] | None = None,
+    teacher_logits: dict[str, jax.Array] | None = None,
+    teacher_views: Callable[[int], dict[str, np.ndarray]] | None = None,
     seed: int,
     may_train: bool = True,
 ) -> StageResult:
@@ -256,7 +256,8 @@ def train_stage(
   distils from `teacher` run inside the step (online), from `teacher_logits`,
   one row per training example (offline, plain), or from `teacher_views(epoch)`,
   the logits of exactly the views each step of that epoch shows the student,
-  steps x batch x classes (offline, consistent).
+  steps x batch x classes (offline, consistent); stored logits come in
+  `teacher_cache.encode`'s form.
 
   Saves an Orbax checkpoint every `checkpoint.every_steps` steps and at each
   epoch end, after a test-set evaluation and a line in metrics.jsonl and
@@ -369,7 +370,11 @@ def train_stage(
             disable=None if jax.process_index() == 0 else True,
         ) as progress:
           if teacher_views is not None:
-            view_logits = jax.device_put(list(teacher_views(epoch)), parallel.batch_sharding(mesh))
+            views = teacher_views(epoch)
+            view_logits = jax.device_put(
+                [jax.tree.map(lambda a: a[p], views) for p in range(steps)],
+                parallel.batch_sharding(mesh),
+            )
           for position in range(step % steps, steps):
             batch = gather(arrays, indices_SxB[position])
             if teacher_views is not None:
@@ -379,9 +384,10 @@ def train_stage(
             running.add(step, metrics)
             if step % 10 == 0:
               running.flush(keep=1)
-              progress.set_postfix(
-                  {k: f"{running.last[k]:.3f}" for k in ("loss", "accuracy")}, refresh=False
-              )
+              if running.last:  # none yet when a short epoch has just begun
+                progress.set_postfix(
+                    {k: f"{running.last[k]:.3f}" for k in ("loss", "accuracy")}, refresh=False
+                )
             progress.update(1)
             if requested:
               stop(requested[0])
