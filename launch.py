@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kd_jax import pipeline, predict
+from kd_jax import parallel, pipeline, predict
 from kd_jax.errors import KDJaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -32,6 +32,14 @@ _IMAGES = flags.DEFINE_list("images", [], "Image files or folders, for --mode=pr
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Folder for checkpoints, logs and the report.", required=True
 )
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "Multi-host: HOST:PORT of process 0, with --num_processes and --process_id. Without "
+    "them, a cluster (Cloud TPU, SLURM, ...) is detected, else one process runs.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process, 0 to N-1.")
 
 
 def _fail(message: str, exit_code: int = 1) -> None:
@@ -63,6 +71,7 @@ def main(argv):
       lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
   )
   try:
+    parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _MODE.value == "predict":
       if not _IMAGES.value:
         _fail("--mode=predict needs --images=FILE_OR_DIR[,...]")

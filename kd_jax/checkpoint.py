@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from kd_jax import parallel
 from kd_jax.errors import UserInputError
 from kd_jax.network import Variables
 
@@ -100,10 +101,12 @@ class StageCheckpoints:
         continue
       # An older checkpoint fits, so the newer ones are damaged rather than
       # written by another config; move them aside so their steps can be saved anew.
-      for bad in failures:
-        os.rename(
-            os.path.join(self.directory, str(bad)), os.path.join(self.directory, f"{bad}.damaged")
-        )
+      if jax.process_index() == 0:
+        for bad in failures:
+          os.rename(
+              os.path.join(self.directory, str(bad)), os.path.join(self.directory, f"{bad}.damaged")
+          )
+      parallel.sync(f"set aside damaged checkpoints of {self.directory}")
       self._manager.reload()
       return restored.model, restored.train, restored.meta
     if failures:

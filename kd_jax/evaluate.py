@@ -6,6 +6,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from kd_jax import parallel
 from kd_jax.data import augment as augment_lib
 from kd_jax.network import Network, Variables
 
@@ -24,26 +25,38 @@ def make_forward(network: Network, mean_C: np.ndarray, std_C: np.ndarray) -> Cal
   return forward
 
 
+def jit_forward(network: Network, mean_C: np.ndarray, std_C: np.ndarray, mesh) -> Callable:
+  """`make_forward` compiled for batches split over `mesh`.
+
+  Its logits come back replicated, so that every process of a multi-host run
+  can read all of them.
+  """
+  return parallel.in_order(
+      jax.jit(make_forward(network, mean_C, std_C), out_shardings=parallel.replicated(mesh))
+  )
+
+
 def predict_logits(
     forward: Callable,
     variables: Variables,
-    images_NxHxWxC: jax.Array,
+    images: jax.Array,
+    rows_N: np.ndarray,
     batch_size: int,
     gather: Callable,
 ) -> np.ndarray:
-  """Logits of every image, in batches of one fixed size.
+  """Logits of the images in `rows_N` (rows of `images`), in batches of one fixed size.
 
   The last batch is padded with copies of the first image and the padding
   dropped afterwards, so each example counts exactly once and nothing
   recompiles.
   """
-  count = images_NxHxWxC.shape[0]
+  count = len(rows_N)
   num_batches = -(-count // batch_size)
-  indices = np.zeros(num_batches * batch_size, np.int32)
-  indices[:count] = np.arange(count)
+  rows = np.full(num_batches * batch_size, rows_N[0], np.int32)
+  rows[:count] = rows_N
   outputs = [
-      forward(variables, gather(images_NxHxWxC, batch_indices))
-      for batch_indices in indices.reshape(num_batches, batch_size)
+      forward(variables, gather(images, batch_rows))
+      for batch_rows in rows.reshape(num_batches, batch_size)
   ]
   return np.concatenate(jax.device_get(outputs))[:count]
 
@@ -80,8 +93,8 @@ def measure_efficiency(
   XLA's cost analysis of the compiled batch-1 forward), "latency_ms" (batch 1)
   and "throughput" (images/s at `batch_size`).
   """
-  device = jax.local_devices()[0]
-  variables = jax.device_put(variables, device)
+  variables = parallel.local_replica(variables)
+  device = jax.tree.leaves(variables)[0].devices().pop()
   params = jax.tree.leaves(variables.params)
   jitted = jax.jit(forward)
   one = jax.device_put(np.zeros((1, *image_shape), np.uint8), device)

@@ -6,6 +6,7 @@ Each stage works in its own folder of the workdir (<workdir>/teacher,
 
 import json
 import os
+import time
 
 import jax
 import ml_collections
@@ -109,6 +110,7 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
           f"workdir {workdir} was written by a different config: {shown}; use another "
           f"workdir, or --config.checkpoint.allow_config_change=true to continue anyway"
       )
+  parallel.sync(f"read {path}")  # every process reads it before process 0 rewrites it
   if jax.process_index() == 0:
     with open(path, "w") as f:
       json.dump(current, f, indent=2)
@@ -142,11 +144,16 @@ def _restore_teacher(
 
 
 def _summarise(
-    forward, variables: Variables, device_data: train.DeviceData, gather, image_shape, eval_config
+    network: Network, variables: Variables, device_data: train.DeviceData, gather, mesh, config
 ):
   """Test logits and the report entry of one trained model."""
   logits = evaluate.predict_logits(
-      forward, variables, device_data.test_images, eval_config.batch_size, gather
+      evaluate.jit_forward(network, device_data.mean_C, device_data.std_C, mesh),
+      variables,
+      device_data.test_images,
+      device_data.test_layout.rows,
+      config.eval.batch_size,
+      gather,
   )
   entry = {
       "top1": evaluate.topk_accuracy(logits, device_data.test_labels, 1),
@@ -154,12 +161,12 @@ def _summarise(
   }
   entry.update(
       evaluate.measure_efficiency(
-          forward,
+          evaluate.make_forward(network, device_data.mean_C, device_data.std_C),
           variables,
-          image_shape,
-          batch_size=eval_config.batch_size,
-          latency_repeats=eval_config.latency_repeats,
-          throughput_repeats=eval_config.throughput_repeats,
+          device_data.test_images.shape[1:],
+          batch_size=config.eval.batch_size,
+          latency_repeats=config.eval.latency_repeats,
+          throughput_repeats=config.eval.throughput_repeats,
       )
   )
   return logits, entry
@@ -185,18 +192,24 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
         "plain",
         distill.cache_top_k,
     )
-    forward = jax.jit(evaluate.make_forward(teacher, device_data.mean_C, device_data.std_C))
+    forward = evaluate.jit_forward(teacher, device_data.mean_C, device_data.std_C, mesh)
     stored, folder = teacher_cache.load_or_compute(
         root,
         key,
         device_data.num_train,
         dataset.num_classes,
         lambda: evaluate.predict_logits(
-            forward, variables, device_data.train_images, config.eval.batch_size, gather
+            forward,
+            variables,
+            device_data.train_images,
+            device_data.train_layout.rows,
+            config.eval.batch_size,
+            gather,
         ),
         **storage,
     )
-    return {"teacher_logits": jax.device_put(stored, parallel.replicated(mesh))}, folder
+    by_row = jax.tree.map(device_data.train_layout.by_row, stored)
+    return {"teacher_logits": jax.device_put(by_row, parallel.replicated(mesh))}, folder
   if distill.cache != "consistent":
     raise UserInputError(f"unknown distill.cache {distill.cache!r}; use 'plain' or 'consistent'")
 
@@ -217,16 +230,17 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
       distill.cache_top_k,
   )
 
-  @jax.jit
-  def teacher_on_view(images_BxHxWxC, step):
+  def view_logits(images_BxHxWxC, step):
     x = train.student_view(augmentation, config.seed, step, images_BxHxWxC, device_data)
     return teacher.apply(variables, x, train=False)[0]
+
+  teacher_on_view = parallel.in_order(jax.jit(view_logits, out_shardings=parallel.replicated(mesh)))
 
   def compute_epoch(epoch):
     indices_SxB = train.epoch_indices(config.seed, epoch, device_data.num_train, student.batch_size)
     logits = [
-        teacher_on_view(gather(device_data.train_images, indices_B), epoch * steps + position)
-        for position, indices_B in enumerate(indices_SxB)
+        teacher_on_view(gather(device_data.train_images, rows_B), epoch * steps + position)
+        for position, rows_B in enumerate(device_data.train_layout.rows[indices_SxB])
     ]
     return np.stack(jax.device_get(logits))
 
@@ -263,11 +277,12 @@ def _teacher_stage(config, workdir, dataset, shape_kwargs, stage_kwargs):
   )
 
 
-def _foreign_teacher_logits(config, dataset, mesh):
+def _foreign_teacher_logits(config, dataset, device_data, mesh):
   """Offline distillation from data.teacher_logits_dir: logits another tool wrote.
 
   Returns the student's train_stage keyword arguments and the folder read.
   """
+  # Each process reads the files of its share of the images.
   logits = teacher_cache.load_foreign(
       config.data.teacher_logits_dir, dataset.train_files, dataset.num_classes
   )
@@ -275,7 +290,8 @@ def _foreign_teacher_logits(config, dataset, mesh):
   logging.info(
       "distilling from %d teacher-logit files in %s", len(logits), config.data.teacher_logits_dir
   )
-  teacher_logits = jax.device_put(stored, parallel.replicated(mesh))
+  by_row = jax.tree.map(device_data.train_layout.gather_all, stored)
+  teacher_logits = jax.device_put(by_row, parallel.replicated(mesh))
   return {"teacher_logits": teacher_logits}, os.path.abspath(config.data.teacher_logits_dir)
 
 
@@ -293,7 +309,20 @@ def train_and_evaluate(
   _check_config(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   _check_workdir_config(config, workdir)
-  dataset = data.load_dataset(config.data)
+  dataset = data.load_dataset(config.data, jax.process_index(), jax.process_count())
+  if jax.process_count() > 1:
+    logging.info(
+        "process %d holds %d training and %d test examples",
+        jax.process_index(),
+        len(dataset.train_labels),
+        len(dataset.test_labels),
+    )
+  shapes = parallel.allgather(np.array([dataset.image_shape]))
+  if (shapes != shapes[0]).any():
+    raise UserInputError(
+        f"the processes' shares of the images differ in size ({', '.join(map(str, shapes))}); "
+        "set data.image_size"
+    )
   logging.info(
       "devices: %d x %s; global batch teacher %d, student %d (per device %d, %d)",
       mesh.size,
@@ -312,16 +341,18 @@ def train_and_evaluate(
         workdir, dataset.class_names, dataset.image_shape, device_data.mean_C, device_data.std_C
     )
 
-  if config.data.teacher_logits_dir:  # made by another tool: no teacher here
-    teacher = teacher_run = None
-    offline_kwargs, cache_folder = _foreign_teacher_logits(config, dataset, mesh)
-  else:
+  teacher = teacher_run = None
+  if not config.data.teacher_logits_dir:  # else another tool's logits: no teacher here
     teacher, teacher_run = _teacher_stage(config, workdir, dataset, shape_kwargs, stage_kwargs)
-    offline_kwargs, cache_folder = {}, None
-    if config.distill.mode == "offline":
-      offline_kwargs, cache_folder = _teacher_logits(
-          config, workdir, dataset, device_data, teacher, teacher_run.variables, gather, mesh
-      )
+  offline_kwargs, cache_folder = {}, None
+  logits_start = time.perf_counter()
+  if config.data.teacher_logits_dir:
+    offline_kwargs, cache_folder = _foreign_teacher_logits(config, dataset, device_data, mesh)
+  elif config.distill.mode == "offline":
+    offline_kwargs, cache_folder = _teacher_logits(
+        config, workdir, dataset, device_data, teacher, teacher_run.variables, gather, mesh
+    )
+  logits_time_s = time.perf_counter() - logits_start
 
   def train_student(name: str, distilled: bool, seed: int) -> tuple[Network, train.StageResult]:
     # A fresh network each time: the same seed gives the baseline the very same
@@ -375,10 +406,7 @@ def train_and_evaluate(
   }
   predictions = {}
   for name, (network, run) in runs.items():
-    forward = evaluate.make_forward(network, device_data.mean_C, device_data.std_C)
-    logits, entry = _summarise(
-        jax.jit(forward), run.variables, device_data, gather, dataset.image_shape, config.eval
-    )
+    logits, entry = _summarise(network, run.variables, device_data, gather, mesh, config)
     predictions[name] = logits.argmax(-1)
     best = max(run.history, key=lambda epoch: epoch["test_top1"])
     results[name] = {
@@ -398,6 +426,7 @@ def train_and_evaluate(
         "dtype": config.distill.cache_dtype,
         "top_k": config.distill.cache_top_k,
         "kind": "foreign" if config.data.teacher_logits_dir else config.distill.cache,
+        "time_s": logits_time_s,  # to compute (or just load) them
     }
   if config.seeds > 1:
     results["seeds"] = {
@@ -423,9 +452,9 @@ def train_and_evaluate(
     plots.plot_tradeoffs(results, os.path.join(workdir, "tradeoffs.png"))
     if config.export.enabled:
       student, student_run = runs["student"]
-      export.export_model(
+      export.export_model(  # on process 0 alone: from its own copy of the weights
           student,
-          student_run.variables,
+          parallel.local_replica(student_run.variables),
           image_shape=dataset.image_shape,
           mean_C=device_data.mean_C,
           std_C=device_data.std_C,

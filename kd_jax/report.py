@@ -87,7 +87,8 @@ def to_markdown(report: dict) -> str:
     lines += [
         "",
         f"Offline distillation from stored teacher logits ({cache['kind']}, {cache['dtype']}, "
-        f"{kept}): {cache['bytes'] / 2**20:.1f} MiB in {cache['folder']}.",
+        f"{kept}): {cache['bytes'] / 2**20:.1f} MiB in {cache['folder']}, "
+        f"{cache['time_s']:.1f} s to compute or load.",
     ]
   lines += ["", "| comparison | |", "|---|---|"]
   for key, title, template in COMPARISON_FIELDS:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from kd_jax import parallel
 from kd_jax.errors import UserInputError
 
 CACHE_DIR = "teacher_logits"
@@ -33,16 +34,18 @@ DTYPES = ("float16", "float32")
 def fingerprint(
     teacher_variables, images: np.ndarray, labels: np.ndarray, dtype: str, *settings
 ) -> str:
-  """A hash of everything the cached logits depend on.
+  """A hash of everything the cached logits depend on, the same on every process.
 
   `settings` add what else decides them (for consistent views: the
   augmentation, seed, batch size and epochs).
   """
+  data_digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+  data_digest.update(np.ascontiguousarray(labels).tobytes())
   digest = hashlib.sha256(json.dumps([dtype, *settings]).encode())
   for leaf in jax.tree.leaves(jax.device_get(teacher_variables)):
     digest.update(np.ascontiguousarray(leaf).tobytes())
-  digest.update(np.ascontiguousarray(images).tobytes())
-  digest.update(np.ascontiguousarray(labels).tobytes())
+  # Each process hashes its share of the data; the key covers all of them.
+  digest.update(parallel.allgather(np.frombuffer(data_digest.digest(), np.uint8)[None]).tobytes())
   return digest.hexdigest()[:20]
 
 
@@ -165,14 +168,15 @@ def load_or_compute(
   """
   folder = os.path.join(os.path.abspath(root), CACHE_DIR, key)
   shapes = _expected_shapes((num_examples,), num_classes, top_k)
-  if os.path.isdir(folder):
+  if _exists(folder):
     stored = _read(folder, "", shapes)
     logging.info("reusing the teacher's logits from %s", folder)
     return {name: np.asarray(array) for name, array in stored.items()}, folder
   stored = encode(np.asarray(compute(), np.float32), top_k, dtype)
-  staging = _staging_folder(root, key)
-  _write(staging, "", stored)
-  _publish(staging, folder, {"kind": "plain", "examples": num_examples, "top_k": top_k})
+  if jax.process_index() == 0:
+    staging = _staging_folder(root, key)
+    _write(staging, "", stored)
+    _publish(staging, folder, {"kind": "plain", "examples": num_examples, "top_k": top_k})
   return stored, folder
 
 
@@ -196,20 +200,38 @@ def load_or_compute_views(
   folder = os.path.join(os.path.abspath(root), CACHE_DIR, key)
   shapes = _expected_shapes(tuple(shape[:-1]), shape[-1], top_k)
   prefixes = [f"epoch_{epoch:04d}." for epoch in range(epochs)]
-  if os.path.isdir(folder):
+  if _exists(folder):
     for prefix in prefixes:
       _read(folder, prefix, shapes)
     logging.info("reusing the teacher's logits of every view from %s", folder)
   else:
-    staging = _staging_folder(root, key)
+    # Every process runs the teacher (its steps are collective); process 0
+    # writes, and the others read what it wrote.
+    primary = jax.process_index() == 0
+    staging = _staging_folder(root, key) if primary else None
     for epoch, prefix in enumerate(prefixes):
-      _write(staging, prefix, encode(np.asarray(compute_epoch(epoch)), top_k, dtype))
-    _publish(staging, folder, {"kind": "consistent", "epochs": epochs, "top_k": top_k})
+      stored = encode(np.asarray(compute_epoch(epoch)), top_k, dtype)
+      if primary:
+        _write(staging, prefix, stored)
+    if primary:
+      _publish(staging, folder, {"kind": "consistent", "epochs": epochs, "top_k": top_k})
+    parallel.sync(f"teacher-logit cache {key} written")
 
   def read_epoch(epoch: int) -> dict[str, np.ndarray]:
     return {name: np.asarray(a) for name, a in _read(folder, prefixes[epoch], shapes).items()}
 
   return read_epoch, folder
+
+
+def _exists(folder: str) -> bool:
+  """Whether a cache is there, as every process sees it before any writes one.
+
+  All processes must agree, since computing a cache runs collective steps;
+  multi-host runs need the workdir on a filesystem they share.
+  """
+  exists = os.path.isdir(folder)
+  parallel.sync(f"looked for {folder}")
+  return exists
 
 
 def _staging_folder(root: str, key: str) -> str:

@@ -39,32 +39,90 @@ class TrainState:
   opt_state: optax.OptState
 
 
+class RowLayout:
+  """Where each example of one split lives among the rows of its global arrays.
+
+  Every process pads its share of the examples to one block size, a multiple
+  of its device count, and its block takes the rows of its own devices.
+  `rows` gives the row of each example in the order of a one-process load, so
+  addressing data by row picks the same examples whatever the process count.
+  """
+
+  def __init__(self, counts_P: np.ndarray):
+    local = jax.local_device_count()
+    self.block = -(-int(counts_P.max()) // local) * local
+    self.num_rows = self.block * len(counts_P)
+    self.rows = np.concatenate(
+        [p * self.block + np.arange(c) for p, c in enumerate(counts_P)]
+    ).astype(np.int32)
+
+  def pad(self, share: np.ndarray) -> np.ndarray:
+    """This process's share padded with zeros to the block size."""
+    padded = np.zeros((self.block, *share.shape[1:]), share.dtype)
+    padded[: len(share)] = share
+    return padded
+
+  def spread(self, share: np.ndarray, mesh) -> jax.Array:
+    """The global array, split by rows over the mesh, of every process's share."""
+    return jax.make_array_from_process_local_data(
+        parallel.batch_sharding(mesh), self.pad(share), (self.num_rows, *share.shape[1:])
+    )
+
+  def gather_all(self, share: np.ndarray) -> np.ndarray:
+    """Every process's share, by row, in host memory on every process."""
+    return parallel.allgather(self.pad(share))
+
+  def by_row(self, per_example: np.ndarray) -> np.ndarray:
+    """An array of one entry per example (all processes'), laid out by row."""
+    by_row = np.zeros((self.num_rows, *per_example.shape[1:]), per_example.dtype)
+    by_row[self.rows] = per_example
+    return by_row
+
+
 @dataclasses.dataclass(frozen=True)
 class DeviceData:
-  """A dataset held in device memory as uint8, replicated over the mesh."""
+  """A dataset held in device memory as uint8, its images split over the mesh.
+
+  Each process's devices hold its share of the images; what a step gathers
+  is addressed by row (see RowLayout).
+  """
 
   train_images: jax.Array
-  train_labels: jax.Array
+  train_labels: jax.Array  # by row, replicated
+  train_layout: RowLayout
   test_images: jax.Array
-  test_labels: np.ndarray
+  test_layout: RowLayout
+  test_labels: np.ndarray  # by example, on the host
   mean_C: np.ndarray
   std_C: np.ndarray
   num_classes: int
 
   @property
   def num_train(self) -> int:
-    return self.train_labels.shape[0]
+    return len(self.train_layout.rows)
 
 
 def put_on_device(dataset: Dataset, mesh) -> DeviceData:
-  """Copies the dataset to the devices once; steps then index into it."""
-  mean_C, std_C = augment_lib.normalization_stats(dataset.train_images)
-  put = functools.partial(jax.device_put, device=parallel.replicated(mesh))
+  """Copies this process's share of the dataset to its devices once; steps gather from it.
+
+  The normalisation statistics are over the whole training split, from every
+  process's pixel histograms, so they are exact and the same everywhere.
+  """
+  counts_Px2 = parallel.allgather(
+      np.array([[len(dataset.train_labels), len(dataset.test_labels)]], np.int64)
+  )
+  train, test = RowLayout(counts_Px2[:, 0]), RowLayout(counts_Px2[:, 1])
+  histograms = parallel.allgather(augment_lib.pixel_histograms(dataset.train_images)[None])
+  mean_C, std_C = augment_lib.normalization_stats(histograms.sum(axis=0))
+  # Labels are small: every process keeps all of them.
+  train_labels = train.gather_all(dataset.train_labels.astype(np.int32))
   return DeviceData(
-      put(dataset.train_images),
-      put(dataset.train_labels.astype(np.int32)),
-      put(dataset.test_images),
-      dataset.test_labels.astype(np.int32),
+      train.spread(dataset.train_images, mesh),
+      jax.device_put(train_labels, parallel.replicated(mesh)),
+      train,
+      test.spread(dataset.test_images, mesh),
+      test,
+      test.gather_all(dataset.test_labels.astype(np.int32))[test.rows],
       mean_C,
       std_C,
       dataset.num_classes,
@@ -73,9 +131,11 @@ def put_on_device(dataset: Dataset, mesh) -> DeviceData:
 
 def make_gather(mesh) -> Callable:
   """A jitted `gather(arrays, indices_B)` whose batches are split over the mesh."""
-  return jax.jit(
-      lambda arrays, indices_B: jax.tree.map(lambda a: a[indices_B], arrays),
-      out_shardings=parallel.batch_sharding(mesh),
+  return parallel.in_order(
+      jax.jit(
+          lambda arrays, indices_B: jax.tree.map(lambda a: a[indices_B], arrays),
+          out_shardings=parallel.batch_sharding(mesh),
+      )
   )
 
 
@@ -145,7 +205,9 @@ def make_train_step(
 
   # The state is donated: its buffers become the new state's, so a step needs
   # no second copy of parameters and optimizer moments.
-  return jax.jit(train_step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+  return parallel.in_order(
+      jax.jit(train_step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
+  )
 
 
 def epoch_indices(seed: int, epoch: int, count: int, batch_size: int) -> np.ndarray:
@@ -257,7 +319,8 @@ def train_stage(
   one row per training example (offline, plain), or from `teacher_views(epoch)`,
   the logits of exactly the views each step of that epoch shows the student,
   steps x batch x classes (offline, consistent); stored logits come in
-  `teacher_cache.encode`'s form.
+  `teacher_cache.encode`'s form, `teacher_logits` laid out by row
+  (`RowLayout.by_row`).
 
   Saves an Orbax checkpoint every `checkpoint.every_steps` steps and at each
   epoch end, after a test-set evaluation and a line in metrics.jsonl and
@@ -289,7 +352,7 @@ def train_stage(
       objective=objective,
   )
   gather = make_gather(mesh)
-  forward = jax.jit(evaluate.make_forward(network, data.mean_C, data.std_C))
+  forward = evaluate.jit_forward(network, data.mean_C, data.std_C, mesh)
 
   state = jax.device_put(
       TrainState(jnp.zeros((), jnp.int32), variables, optimizer.init(variables.params)),
@@ -360,7 +423,7 @@ def train_stage(
   try:
     with stop_requests() as requested:
       for epoch in range(step // steps, epochs):
-        indices_SxB = epoch_indices(seed, epoch, data.num_train, batch_size)
+        rows_SxB = data.train_layout.rows[epoch_indices(seed, epoch, data.num_train, batch_size)]
         epoch_start = time.perf_counter()
         with tqdm(
             total=steps,
@@ -376,7 +439,7 @@ def train_stage(
                 parallel.batch_sharding(mesh),
             )
           for position in range(step % steps, steps):
-            batch = gather(arrays, indices_SxB[position])
+            batch = gather(arrays, rows_SxB[position])
             if teacher_views is not None:
               batch["teacher_logits"] = view_logits[position]
             state, metrics = train_step(state, batch, teacher_variables)
@@ -397,7 +460,12 @@ def train_stage(
                 save()
         running.flush()
         test_logits = evaluate.predict_logits(
-            forward, state.variables, data.test_images, config.eval.batch_size, gather
+            forward,
+            state.variables,
+            data.test_images,
+            data.test_layout.rows,
+            config.eval.batch_size,
+            gather,
         )
         epoch_metrics = running.means()
         epoch_metrics["test_top1"] = evaluate.topk_accuracy(test_logits, data.test_labels, 1)

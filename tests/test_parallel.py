@@ -2,6 +2,8 @@
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 
@@ -45,13 +47,20 @@ def _assert_same_training(one, four, stage):
     assert b["test_top1"] == pytest.approx(a["test_top1"], abs=0.03), stage
 
 
-def test_four_devices_train_as_one(tmp_path):
+@pytest.fixture(scope="module")
+def four_device_run(tmp_path_factory):
+  """(workdir, log) of the small config, one epoch a stage, on one process with 4 devices."""
+  workdir = tmp_path_factory.mktemp("four_devices")
+  return workdir, _run_on_four_devices(workdir, **ONE_EPOCH)
+
+
+def test_four_devices_train_as_one(four_device_run, tmp_path):
   one = str(tmp_path / "one")
   pipeline.train_and_evaluate(small_config(**ONE_EPOCH), one)
 
-  log = _run_on_four_devices(tmp_path / "four_teacher", **ONE_EPOCH)
+  four, log = four_device_run
   assert "devices: 4 x cpu" in log and "per device 16" in log
-  _assert_same_training(one, tmp_path / "four_teacher", "teacher")
+  _assert_same_training(one, four, "teacher")
 
   # The student against the very same teacher, so that only the sharding differs.
   _run_on_four_devices(
@@ -79,3 +88,94 @@ def test_batch_not_divisible_by_devices_names_valid_sizes(tmp_path):
   assert result.returncode == 1
   assert "student.batch_size=62 does not split evenly over 4 devices" in result.stderr
   assert "e.g. 60 or 64" in result.stderr and "Traceback" not in result.stderr
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_hosts_train_as_one_host(four_device_run, tmp_path):
+  # Two processes with 2 CPU devices each, talking over localhost as two hosts
+  # would, sharing one workdir as hosts share a filesystem. The student learns
+  # from the 4-device run's teacher (training amplifies the last-bit
+  # differences of another summation order), through the offline cache of
+  # consistent views, which trains as online distillation does: so the
+  # teacher's pass over the data, process 0 writing the cache and the others
+  # reading it are covered too.
+  four, _ = four_device_run
+  overrides = {
+      **ONE_EPOCH,
+      "teacher.checkpoint": os.path.join(four, "teacher"),
+      "distill.mode": "offline",
+      "distill.cache": "consistent",
+      "distill.cache_dtype": "float32",
+  }
+  address = f"127.0.0.1:{_free_port()}"
+  # Logs go to files: a pipe that one process fills while the test waits on
+  # the other would stall both in their next collective.
+  log_files = [open(tmp_path / f"process{index}.log", "w+") for index in range(2)]
+  processes = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              "-X",
+              "faulthandler",
+              "launch.py",
+              f"--workdir={tmp_path}",
+              *small_config_flags(**overrides),
+              f"--coordinator_address={address}",
+              "--num_processes=2",
+              f"--process_id={index}",
+          ],
+          cwd=ROOT,
+          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+          stdout=subprocess.DEVNULL,
+          stderr=log_files[index],
+      )
+      for index in range(2)
+  ]
+  try:
+    for process in processes:
+      process.wait(timeout=300)
+  except subprocess.TimeoutExpired:
+    for process in processes:
+      process.send_signal(signal.SIGABRT)  # -X faulthandler: where each one was stuck
+  finally:
+    for process in processes:
+      process.wait(timeout=30)
+  logs = []
+  for log_file in log_files:
+    log_file.seek(0)
+    logs.append(log_file.read())
+    log_file.close()
+  for process, log in zip(processes, logs):
+    assert process.returncode == 0, log[-3000:]
+  # Each process decoded only its half of the data.
+  assert "process 0 holds 718 training and 180 test examples" in logs[0]
+  assert "process 1 holds 719 training and 180 test examples" in logs[1]
+  assert "devices: 4 x cpu" in logs[1]
+
+  _assert_same_training(four, tmp_path, "student")
+  with open(os.path.join(four, "report.json")) as f:
+    expected = json.load(f)
+  with open(tmp_path / "report.json") as f:
+    report = json.load(f)
+  assert report["dataset"] == expected["dataset"]
+  assert report["teacher"]["top1"] == expected["teacher"]["top1"]
+  for key in ("top1", "top5"):  # the same tolerance as _assert_same_training's, for its reason
+    assert report["student"][key] == pytest.approx(expected["student"][key], abs=0.03), key
+  assert report["teacher_logits"]["kind"] == "consistent"
+
+
+def test_incomplete_multi_host_flags_are_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "launch.py", f"--workdir={tmp_path}", "--num_processes=2"],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
+  assert result.returncode == 1 and "Traceback" not in result.stderr
+  assert "needs all of --coordinator_address=HOST:PORT" in result.stderr.splitlines()[-1]

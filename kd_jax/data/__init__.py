@@ -55,15 +55,36 @@ class Dataset:
     """(H, W, C) of every image."""
     return tuple(self.train_images.shape[1:])
 
+  def share(self, process_index: int, process_count: int) -> "Dataset":
+    """The even, contiguous share of each split that process `process_index` holds."""
+    train = share_of(len(self.train_labels), process_index, process_count)
+    test = share_of(len(self.test_labels), process_index, process_count)
+    return dataclasses.replace(
+        self,
+        train_images=self.train_images[train],
+        train_labels=self.train_labels[train],
+        test_images=self.test_images[test],
+        test_labels=self.test_labels[test],
+        train_files=self.train_files[train],
+    )
 
-def load_dataset(data_config) -> Dataset:
+
+def share_of(count: int, process_index: int, process_count: int) -> slice:
+  """Process `process_index`'s even, contiguous share of `count` examples."""
+  return slice(count * process_index // process_count, count * (process_index + 1) // process_count)
+
+
+def load_dataset(data_config, process_index: int = 0, process_count: int = 1) -> Dataset:
   """Loads the dataset that `data_config` (the config's `data` section) names.
 
   Args:
     data_config: a ConfigDict (or dict) with the fields in the module docstring.
+    process_index: which process of a multi-host run this is...
+    process_count: ...of how many. Each loads (and decodes) only its even,
+      contiguous share of each split, in order: process 0 the first part.
 
   Returns:
-    The whole dataset in host memory.
+    This process's share of the dataset, in host memory.
 
   Raises:
     UserInputError: the config or the data it points at is unusable.
@@ -75,11 +96,11 @@ def load_dataset(data_config) -> Dataset:
   if source == "digits":
     from kd_jax.data import digits  # pylint: disable=g-import-not-at-top
 
-    return digits.load(image_size)
+    return digits.load(image_size).share(process_index, process_count)
   if source == "folder":
     from kd_jax.data import folder  # pylint: disable=g-import-not-at-top
 
-    return folder.load(data_config.get("dir"), image_size)
+    return folder.load(data_config.get("dir"), image_size, process_index, process_count)
   if source == "tfds":
     from kd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
 
@@ -90,6 +111,8 @@ def load_dataset(data_config) -> Dataset:
         image_size=image_size,
         download=bool(data_config.get("download", False)),
         data_dir=data_config.get("tfds_data_dir") or None,
+        process_index=process_index,
+        process_count=process_count,
     )
   raise UserInputError(
       f"data.source={source!r} is not a known source: use one of " f'{", ".join(SOURCES)}'

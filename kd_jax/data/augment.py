@@ -16,12 +16,27 @@ from kd_jax.errors import UserInputError
 CROP_PADDING = 4
 
 
-def normalization_stats(images_NxHxWxC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Per-channel mean and std of uint8 images, on the 0..1 scale, as float32."""
-  pixels = images_NxHxWxC.reshape(-1, images_NxHxWxC.shape[-1])
-  mean = pixels.mean(axis=0, dtype=np.float64) / 255.0
-  std = pixels.std(axis=0, dtype=np.float64) / 255.0
-  return mean.astype(np.float32), np.maximum(std, 1e-3).astype(np.float32)
+def pixel_histograms(images_NxHxWxC: np.ndarray) -> np.ndarray:
+  """Counts of each uint8 value per channel, C x 256 (they add up across shares)."""
+  return np.stack(
+      [
+          np.bincount(images_NxHxWxC[..., c].ravel(), minlength=256)
+          for c in range(images_NxHxWxC.shape[-1])
+      ]
+  ).astype(np.int64)
+
+
+def normalization_stats(histograms_Cx256: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Per-channel mean and std, on the 0..1 scale, as float32, from pixel histograms.
+
+  The sums are exact integers, so every way of splitting the data gives the
+  same statistics to the last bit.
+  """
+  values = np.arange(256, dtype=np.float64) / 255.0
+  count_C = histograms_Cx256.sum(axis=-1)
+  mean = histograms_Cx256 @ values / count_C
+  variance = np.maximum(histograms_Cx256 @ values**2 / count_C - mean**2, 0.0)
+  return mean.astype(np.float32), np.maximum(np.sqrt(variance), 1e-3).astype(np.float32)
 
 
 def normalize(images_BxHxWxC: jax.Array, mean_C, std_C) -> jax.Array:

@@ -15,7 +15,7 @@ from absl import logging
 import cv2
 import numpy as np
 
-from kd_jax.data import Dataset
+from kd_jax.data import Dataset, share_of
 from kd_jax.data import resize
 from kd_jax.errors import UserInputError
 
@@ -29,12 +29,17 @@ _MAX_WORKERS = 4
 _MAX_BAD_FRACTION = 0.01
 
 
-def load(root: str | None, image_size: int) -> Dataset:
-  """Loads an image-folder tree.
+def load(
+    root: str | None, image_size: int, process_index: int = 0, process_count: int = 1
+) -> Dataset:
+  """Loads an image-folder tree, or one process's share of it.
 
   Args:
     root: the folder holding train/<class>/ and test/<class>/ (data.dir).
     image_size: side to resize every image to; 0 keeps the most common size.
+    process_index: this process, of...
+    process_count: ...this many; only this process's even share of each
+      split's sorted file list is decoded.
 
   Returns:
     The dataset, with `train_files` set.
@@ -54,6 +59,8 @@ def load(root: str | None, image_size: int) -> Dataset:
   splits = {}
   for split in SPLITS:
     files, labels = _list_files(root, split, class_names)
+    share = share_of(len(files), process_index, process_count)
+    files, labels = files[share], labels[share]
     images = _decode(root, files, image_size)
     splits[split] = _drop_undecodable(root, split, files, labels, images)
   if not image_size:

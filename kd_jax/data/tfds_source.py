@@ -50,8 +50,10 @@ def load(
     image_size: int,
     download: bool,
     data_dir: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
 ) -> Dataset:
-  """Loads a TFDS image-classification dataset whole.
+  """Loads a TFDS image-classification dataset whole, or one process's share of it.
 
   Args:
     name: TFDS dataset name, e.g. 'cifar10' (data.name).
@@ -60,6 +62,9 @@ def load(
     image_size: side to resize to; 0 keeps the dataset's size.
     download: whether a missing dataset may be downloaded and prepared.
     data_dir: TFDS data directory; None for the TFDS default.
+    process_index: this process, of...
+    process_count: ...this many; each reads only its part of each split
+      (tfds.split_for_jax_process).
 
   Returns:
     The dataset.
@@ -78,6 +83,13 @@ def load(
         "https://www.tensorflow.org/datasets/catalog"
     ) from None
   splits = {"data.train_split": train_split, "data.test_split": test_split}
+  if process_count > 1:
+    splits = {
+        key: tfds.split_for_jax_process(
+            split, process_index=process_index, process_count=process_count
+        )
+        for key, split in splits.items()
+    }
   try:
     datasets = _as_datasets(builder, name, splits)
   except AssertionError:
