@@ -293,3 +293,25 @@ def test_digits():
 def test_digits_resized():
   ds = data.load_dataset(_config(source="digits", image_size=16))
   assert ds.test_images.shape[1:] == (16, 16, 1)
+
+
+@pytest.mark.parametrize("source", ["tfds", "folder", "digits"])
+def test_process_shares_split_every_source_evenly_and_in_order(source, tiny_data_dir, tree):
+  config = {
+      "tfds": _tfds_config(name="tiny_shapes", tfds_data_dir=tiny_data_dir),
+      "folder": _config(source="folder", dir=str(tree), image_size=6),
+      "digits": _config(source="digits"),
+  }[source]
+  whole = data.load_dataset(config)
+  shares = [data.load_dataset(config, index, 2) for index in range(2)]
+  # Each process holds half of each split (one more or less), and the shares in
+  # process order are the whole dataset.
+  for split in ("train", "test"):
+    sizes = [len(getattr(share, f"{split}_labels")) for share in shares]
+    assert abs(sizes[0] - sizes[1]) <= 1 and sum(sizes) == len(getattr(whole, f"{split}_labels"))
+    for field in ("images", "labels"):
+      np.testing.assert_array_equal(
+          np.concatenate([getattr(share, f"{split}_{field}") for share in shares]),
+          getattr(whole, f"{split}_{field}"),
+      )
+  assert shares[0].train_files + shares[1].train_files == whole.train_files
