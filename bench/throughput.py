@@ -56,11 +56,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
-from kd_jax import losses, methods, optim, parallel, train
+from kd_jax import methods, optim, parallel, train
 from kd_jax.data import Dataset, load_dataset
 from kd_jax.data import augment as augment_lib
 from kd_jax.errors import UserInputError
-from kd_jax.network import Network, Variables, create_network
+from kd_jax.network import Variables, create_network, resolve_compute_dtype
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -71,6 +71,12 @@ _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling, befo
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
 _ONLY = flags.DEFINE_list(
     "only", list(STEP_KINDS), f"Step kinds to time, from {', '.join(STEP_KINDS)}; empty for none."
+)
+_COMPUTE_DTYPE = flags.DEFINE_enum(
+    "compute_dtype",
+    "auto",
+    ["auto", "float32", "bfloat16"],
+    "Layer compute precision (config.compute_dtype): auto is bfloat16 on GPU/TPU, float32 on CPU.",
 )
 _AUGMENT = flags.DEFINE_enum(
     "augment", "none", ["none", "crop_flip"], "On-device augmentation inside each step."
@@ -110,46 +116,6 @@ def new_state(variables: Variables, optimizer: optax.GradientTransformation, mes
       train.TrainState(jnp.zeros((), jnp.int32), variables, optimizer.init(variables.params)),
       parallel.replicated(mesh),
   )
-
-
-def make_offline_step(
-    network: Network,
-    optimizer: optax.GradientTransformation,
-    data: train.DeviceData,
-    *,
-    augmentation: Callable,
-    temperature: float,
-    alpha: float,
-    mesh,
-) -> Callable:
-  """A jitted `step(state, batch) -> (state, metrics)` that distils from given logits.
-
-  kd_jax's train step distils online only (the teacher runs inside it); an
-  offline mode in the pipeline is a separate issue. This step is
-  make_train_step's with the teacher's logits taken from the batch instead.
-  """
-  root_key = jax.random.key(SEED)
-
-  def step(state: train.TrainState, batch: dict):
-    images = augmentation(jax.random.fold_in(root_key, state.step), batch["image"])
-    x = augment_lib.normalize(images, data.mean_C, data.std_C)
-
-    def loss_fn(params):
-      logits_BxC, batch_stats = network.apply(
-          Variables(params, state.variables.batch_stats), x, train=True
-      )
-      loss, _ = losses.distillation_loss(
-          logits_BxC, batch["teacher_logits"], batch["label"], temperature, alpha
-      )
-      return loss, batch_stats
-
-    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.variables.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.variables.params)
-    params = optax.apply_updates(state.variables.params, updates)
-    new = train.TrainState(state.step + 1, Variables(params, batch_stats), opt_state)
-    return new, {"loss": loss}
-
-  return jax.jit(step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
 
 
 def batches(gather: Callable, arrays: dict, count: int, batch_size: int) -> Iterator[dict]:
@@ -205,14 +171,28 @@ def random_device_data(batch_size: int, mesh) -> tuple[train.DeviceData, jax.Arr
   )
 
 
-def bench_steps(kinds: list[str], *, batch_size: int, steps: int, warmup: int, augment: str, mesh):
+def bench_steps(
+    kinds: list[str],
+    *,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    augment: str,
+    compute_dtype: str,
+    mesh,
+):
   """Times the chosen step kinds; returns {kind: (compile_s, median_step_s)}."""
   data, teacher_logits_NxC = random_device_data(batch_size, mesh)
   gather = train.make_gather(mesh)
   arrays = {"image": data.train_images, "label": data.train_labels}
   augmentation = augment_lib.get_augmentation(augment)
   distill = default.get_config().distill
-  shape_kwargs = dict(num_classes=NUM_CLASSES, in_channels=IMAGE_SHAPE[-1], seed=SEED)
+  shape_kwargs = dict(
+      num_classes=NUM_CLASSES,
+      in_channels=IMAGE_SHAPE[-1],
+      seed=SEED,
+      compute_dtype=compute_dtype,
+  )
   teacher, teacher_variables = create_network("resnet20", **shape_kwargs)
   teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
   results = {}
@@ -227,27 +207,22 @@ def bench_steps(kinds: list[str], *, batch_size: int, steps: int, warmup: int, a
     else:
       network, variables = create_network("dsconv_student", **shape_kwargs)
       optimizer = optim.make_optimizer(adam_config(), 1, 1)
-      if kind == "student_offline":
-        step = make_offline_step(
-            network,
-            optimizer,
-            data,
-            temperature=distill.temperature,
-            alpha=distill.alpha,
-            **step_kwargs,
-        )
-        batch_arrays = {**arrays, "teacher_logits": teacher_logits_NxC}
-      else:
-        step = train.make_train_step(
-            network,
-            optimizer,
-            data,
-            seed=SEED,
-            teacher=teacher,
-            objective=methods.make_objective(distill, 1, 1),
-            **step_kwargs,
-        )
+      # Offline, the teacher's logits come with the batch; online, the teacher runs in the step.
+      online = kind == "student_online"
+      step = train.make_train_step(
+          network,
+          optimizer,
+          data,
+          seed=SEED,
+          teacher=teacher if online else None,
+          objective=methods.make_objective(distill, 1, 1),
+          **step_kwargs,
+      )
+      if online:
         extra_args = (teacher_variables,)
+      else:
+        batch_arrays = {**arrays, "teacher_logits": {"logits": teacher_logits_NxC}}
+        extra_args = (None,)
     state = new_state(variables, optimizer, mesh)
     batch_iter = batches(gather, batch_arrays, data.num_train, batch_size)
     compile_s = compile_seconds(step, state, next(batch_iter), *extra_args)
@@ -263,7 +238,16 @@ def bench_steps(kinds: list[str], *, batch_size: int, steps: int, warmup: int, a
   return results
 
 
-def bench_pipeline(data_dir: str, *, batch_size: int, steps: int, warmup: int, augment: str, mesh):
+def bench_pipeline(
+    data_dir: str,
+    *,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+    augment: str,
+    compute_dtype: str,
+    mesh,
+):
   """One epoch of online distillation over an image-folder tree, timed whole."""
   start = time.perf_counter()
   dataset = load_dataset(ml_collections.ConfigDict(dict(source="folder", dir=data_dir)))
@@ -276,7 +260,10 @@ def bench_pipeline(data_dir: str, *, batch_size: int, steps: int, warmup: int, a
   steps_per_epoch = data.num_train // batch_size
   distill = default.get_config().distill
   shape_kwargs = dict(
-      num_classes=dataset.num_classes, in_channels=dataset.image_shape[-1], seed=SEED
+      num_classes=dataset.num_classes,
+      in_channels=dataset.image_shape[-1],
+      seed=SEED,
+      compute_dtype=compute_dtype,
   )
   teacher, teacher_variables = create_network("resnet20", **shape_kwargs)
   teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
@@ -365,6 +352,7 @@ def main(argv):
       steps=_STEPS.value,
       warmup=_WARMUP.value,
       augment=_AUGMENT.value,
+      compute_dtype=resolve_compute_dtype(_COMPUTE_DTYPE.value),
       mesh=mesh,
   )
   kinds = [kind for kind in STEP_KINDS if kind in _ONLY.value]
@@ -380,6 +368,7 @@ def main(argv):
       steps=_STEPS.value,
       warmup=_WARMUP.value,
       augment=_AUGMENT.value,
+      compute_dtype=common["compute_dtype"],
       batches="gathered per step from device-resident uint8 data, inside the timed region",
       device={
           "kind": jax.devices()[0].device_kind,

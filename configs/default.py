@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.seeds = 1  # student and baseline runs, with seeds seed, seed + 1, ...
+  # auto: bfloat16 compute on GPU/TPU, float32 on CPU; weights stay float32 either way
+  config.compute_dtype = "auto"  # auto | float32 | bfloat16
 
   config.data = ml_collections.ConfigDict(
       dict(

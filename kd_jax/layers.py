@@ -114,7 +114,8 @@ class DepthwiseConv(nnx.Module):
       conv = depthwise_conv_shifted
     else:
       conv = depthwise_conv_grouped
-    return conv(x_BxHxWxC, self.kernel[...], self.strides)
+    # In the input's precision (bfloat16 under mixed precision); the weights stay float32.
+    return conv(x_BxHxWxC, self.kernel[...].astype(x_BxHxWxC.dtype), self.strides)
 
 
 class PointwiseConv(nnx.Module):
@@ -145,7 +146,8 @@ class PointwiseConv(nnx.Module):
     """Applies the convolution to channels-last images."""
     s = self.strides
     x_BxHxWxC = x_BxHxWxC[:, ::s, ::s, :]
-    return jnp.einsum("bhwc,cd->bhwd", x_BxHxWxC, self.kernel[0, 0])
+    kernel_CxD = self.kernel[0, 0].astype(x_BxHxWxC.dtype)  # as DepthwiseConv does
+    return jnp.einsum("bhwc,cd->bhwd", x_BxHxWxC, kernel_CxD)
 
 
 class DSConv(nnx.Module):

@@ -29,7 +29,7 @@ from kd_jax import (
 )
 from kd_jax.data import augment as augment_lib
 from kd_jax.errors import UserInputError
-from kd_jax.network import Network, Variables, create_network
+from kd_jax.network import Network, Variables, create_network, resolve_compute_dtype
 
 CONFIG_FILE = "config.json"
 
@@ -37,6 +37,7 @@ CONFIG_FILE = "config.json"
 def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
   """Rejects settings that would only fail later, after data loading."""
   methods.check(config.distill)
+  resolve_compute_dtype(config.compute_dtype)
   if config.distill.mode not in ("online", "offline"):
     raise UserInputError(f"unknown distill.mode {config.distill.mode!r}; use 'online' or 'offline'")
   teacher_cache.check_settings(config.distill.cache_dtype, config.distill.cache_top_k)
@@ -255,9 +256,9 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
   return {"teacher_views": views}, folder
 
 
-def _teacher_stage(config, workdir, dataset, shape_kwargs, stage_kwargs):
+def _teacher_stage(config, workdir, dataset, network_kwargs, stage_kwargs):
   """The teacher network and its trained state: restored from teacher.checkpoint, or trained."""
-  teacher, variables = create_network(config.teacher.model, seed=config.seed, **shape_kwargs)
+  teacher, variables = create_network(config.teacher.model, seed=config.seed, **network_kwargs)
   if not config.teacher.checkpoint:
     return teacher, train.train_stage(
         "teacher",
@@ -334,7 +335,11 @@ def train_and_evaluate(
   )
   device_data = train.put_on_device(dataset, mesh)
   gather = train.make_gather(mesh)
-  shape_kwargs = dict(num_classes=dataset.num_classes, in_channels=dataset.image_shape[-1])
+  network_kwargs = dict(
+      num_classes=dataset.num_classes,
+      in_channels=dataset.image_shape[-1],
+      compute_dtype=resolve_compute_dtype(config.compute_dtype),
+  )
   stage_kwargs = dict(config=config, data=device_data, mesh=mesh, may_train=may_train)
   if jax.process_index() == 0:
     predict.write_dataset_info(
@@ -343,7 +348,7 @@ def train_and_evaluate(
 
   teacher = teacher_run = None
   if not config.data.teacher_logits_dir:  # else another tool's logits: no teacher here
-    teacher, teacher_run = _teacher_stage(config, workdir, dataset, shape_kwargs, stage_kwargs)
+    teacher, teacher_run = _teacher_stage(config, workdir, dataset, network_kwargs, stage_kwargs)
   offline_kwargs, cache_folder = {}, None
   logits_start = time.perf_counter()
   if config.data.teacher_logits_dir:
@@ -361,7 +366,7 @@ def train_and_evaluate(
         config.student.model,
         width_multiplier=config.student.width_multiplier,
         seed=seed,
-        **shape_kwargs,
+        **network_kwargs,
     )
     teacher_kwargs = {}
     if distilled and config.distill.mode == "offline":

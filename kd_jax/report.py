@@ -19,6 +19,7 @@ MODEL_FIELDS = (  # (key, column title, format)
     ("batch_size", "global batch", "{}"),
     ("learning_rate", "peak learning rate", "{:g}"),
     ("devices", "devices", "{}"),
+    ("compute_dtype", "compute dtype", "{}"),
     ("epoch_time_s", "time per epoch s", "{:.1f}"),
     ("wall_time_s", "train time s", "{:.1f}"),
 )

@@ -373,6 +373,7 @@ def train_stage(
       "optimizer": stage_config.optimizer.name,
       "learning_rate": stage_config.optimizer.learning_rate,
       "devices": mesh.size,
+      "compute_dtype": network.compute_dtype,
   }
   step = int(state.step)
   if not may_train and step < steps * epochs:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kd_jax import models
+from kd_jax import models, network
 from kd_jax.errors import UserInputError
 
 
@@ -143,3 +143,45 @@ def test_train_mode_updates_batch_stats_and_eval_mode_does_not():
   model.train()
   model(x)
   assert all(not np.allclose(a, b) for a, b in zip(trained, _batch_stats(model)))
+
+
+@pytest.mark.parametrize("name", ["dsconv_student", "resnet8"])
+def test_bfloat16_compute_keeps_float32_weights_and_logits(name):
+  shapes = dict(num_classes=10, in_channels=3, seed=0)
+  full, variables = network.create_network(name, **shapes)
+  mixed, mixed_variables = network.create_network(name, compute_dtype="bfloat16", **shapes)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(mixed_variables))
+  images = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
+
+  logits, _ = mixed.apply(variables, images, train=False)
+  reference, _ = full.apply(variables, images, train=False)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, reference, rtol=0.05, atol=0.05)
+  # Every convolution and matrix product, the custom CPU paths included, runs
+  # on bfloat16 operands.
+  program = jax.make_jaxpr(lambda v: mixed.apply(v, images, train=True))(variables).jaxpr
+  products = [
+      e for e in program.eqns if e.primitive.name in ("conv_general_dilated", "dot_general")
+  ]
+  products += [
+      inner
+      for e in program.eqns
+      if "jaxpr" in e.params
+      for inner in e.params["jaxpr"].jaxpr.eqns
+      if inner.primitive.name in ("conv_general_dilated", "dot_general")
+  ]
+  assert products and all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars)
+  # Gradients reach the float32 master weights as float32.
+  grads = jax.grad(
+      lambda p: mixed.apply(network.Variables(p, variables.batch_stats), images, train=True)[
+          0
+      ].sum()
+  )(variables.params)
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_auto_compute_dtype_is_float32_on_cpu_and_unknown_names_are_refused():
+  assert network.resolve_compute_dtype("auto") == "float32"
+  assert network.resolve_compute_dtype("bfloat16") == "bfloat16"
+  with pytest.raises(UserInputError, match="unknown compute_dtype 'fp8'"):
+    network.resolve_compute_dtype("fp8")

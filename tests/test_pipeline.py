@@ -33,6 +33,7 @@ def test_report_has_every_field(quickstart_run):
     assert MODEL_KEYS <= set(on_disk[name]), name
     assert 0.0 <= on_disk[name]["top1"] <= on_disk[name]["top5"] <= 1.0
     assert on_disk[name]["flops"] > 0 and on_disk[name]["latency_ms"] > 0
+    assert on_disk[name]["compute_dtype"] == "float32"  # auto on a CPU
   assert set(on_disk["comparison"]) >= COMPARISON_KEYS
   assert on_disk["teacher"]["params"] > on_disk["student"]["params"]
   assert on_disk["comparison"]["size_reduction"] == pytest.approx(
