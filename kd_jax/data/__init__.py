@@ -1,4 +1,5 @@
-"""Classification datasets loaded whole into host memory as uint8 arrays.
+"""Classification datasets loaded into host memory as uint8 arrays: whole, or
+one process's share of each split in a multi-host run.
 
 `load_dataset` reads the `data` section of the config:
 
