@@ -180,6 +180,21 @@ class DSConv(nnx.Module):
     return nnx.relu(self.bn2(self.pointwise(x)))
 
 
+def projection_shortcut(
+    in_features: int, out_features: int, *, strides: int, rngs: nnx.Rngs
+) -> nnx.Sequential | None:
+  """A residual block's shortcut: a strided 1x1 conv + BN when the shape changes.
+
+  None (the identity) otherwise, as in both RepDistiller's and torchvision's ResNets.
+  """
+  if strides == 1 and in_features == out_features:
+    return None
+  return nnx.Sequential(
+      PointwiseConv(in_features, out_features, strides=strides, rngs=rngs),
+      batch_norm(out_features, rngs=rngs),
+  )
+
+
 class BasicBlock(nnx.Module):
   """CIFAR ResNet block: conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, ReLU.
 
@@ -207,13 +222,7 @@ class BasicBlock(nnx.Module):
     self.bn1 = batch_norm(out_features, rngs=rngs)
     self.conv2 = conv3x3(out_features, out_features, rngs=rngs)
     self.bn2 = batch_norm(out_features, rngs=rngs)
-    if strides != 1 or in_features != out_features:
-      self.shortcut = nnx.Sequential(
-          PointwiseConv(in_features, out_features, strides=strides, rngs=rngs),
-          batch_norm(out_features, rngs=rngs),
-      )
-    else:
-      self.shortcut = None
+    self.shortcut = projection_shortcut(in_features, out_features, strides=strides, rngs=rngs)
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
@@ -263,3 +272,80 @@ class WideBasicBlock(nnx.Module):
     out = self.conv2(out)
     residual = x_BxHxWxC if self.shortcut is None else self.shortcut(preact)
     return out + residual
+
+
+class Bottleneck(nnx.Module):
+  """ImageNet ResNet bottleneck (torchvision's, "v1.5"): 1x1-3x3-1x1, plus shortcut.
+
+  conv1x1-BN-ReLU, conv3x3 (strided here, not in the first 1x1)-BN-ReLU,
+  conv1x1 to 4x the width-BN, added to the shortcut (a strided 1x1 conv + BN
+  when the shape changes, else the identity), ReLU.
+  """
+
+  expansion = 4
+
+  def __init__(self, in_features: int, width: int, *, strides: int = 1, rngs: nnx.Rngs):
+    """Creates the block.
+
+    Args:
+      in_features: number of input channels.
+      width: channels of the 3x3 conv; the block outputs 4 x width.
+      strides: stride of the 3x3 conv and of the shortcut.
+      rngs: random key source for the parameter inits.
+    """
+    out_features = width * self.expansion
+    self.conv1 = PointwiseConv(in_features, width, rngs=rngs)
+    self.bn1 = batch_norm(width, rngs=rngs)
+    self.conv2 = conv3x3(width, width, strides=strides, rngs=rngs)
+    self.bn2 = batch_norm(width, rngs=rngs)
+    self.conv3 = PointwiseConv(width, out_features, rngs=rngs)
+    self.bn3 = batch_norm(out_features, rngs=rngs)
+    self.shortcut = projection_shortcut(in_features, out_features, strides=strides, rngs=rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the block to channels-last images."""
+    out = nnx.relu(self.bn1(self.conv1(x_BxHxWxC)))
+    out = nnx.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    residual = x_BxHxWxC if self.shortcut is None else self.shortcut(x_BxHxWxC)
+    return nnx.relu(out + residual)
+
+
+class InvertedResidual(nnx.Module):
+  """MobileNetV2 block: 1x1 expansion-BN-ReLU6, depthwise 3x3-BN-ReLU6, 1x1 projection-BN.
+
+  No expansion conv when the ratio is 1; the input is added back when the
+  block keeps the shape (stride 1, same channels), as in torchvision.
+  """
+
+  def __init__(
+      self, in_features: int, out_features: int, *, strides: int, expand_ratio: int, rngs: nnx.Rngs
+  ):
+    """Creates the block.
+
+    Args:
+      in_features: number of input channels.
+      out_features: number of output channels.
+      strides: stride of the depthwise conv.
+      expand_ratio: hidden channels / input channels.
+      rngs: random key source for the parameter inits.
+    """
+    hidden = in_features * expand_ratio
+    if expand_ratio != 1:
+      self.expand = nnx.Sequential(
+          PointwiseConv(in_features, hidden, rngs=rngs), batch_norm(hidden, rngs=rngs)
+      )
+    else:
+      self.expand = None
+    self.depthwise = DepthwiseConv(hidden, strides=strides, rngs=rngs)
+    self.bn = batch_norm(hidden, rngs=rngs)
+    self.project = PointwiseConv(hidden, out_features, rngs=rngs)
+    self.project_bn = batch_norm(out_features, rngs=rngs)
+    self.residual = strides == 1 and in_features == out_features
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the block to channels-last images."""
+    out = x_BxHxWxC if self.expand is None else nnx.relu6(self.expand(x_BxHxWxC))
+    out = nnx.relu6(self.bn(self.depthwise(out)))
+    out = self.project_bn(self.project(out))
+    return x_BxHxWxC + out if self.residual else out

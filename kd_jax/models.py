@@ -2,7 +2,8 @@
 
 The CIFAR ResNets and WideResNets follow RepDistiller (HobbitLong/RepDistiller,
 models/resnet.py and models/wrn.py), so their parameter counts match the CRD
-paper's tables. Every model maps float32 images (B, H, W, C), any H, W >= 8, to
+paper's tables; the ImageNet ResNet-18/34/50 and MobileNetV2 follow
+torchvision's layouts. Every model maps float32 images (B, H, W, C), any H, W >= 8, to
 logits (B, num_classes), and starts in training mode: call `model.eval()` for
 inference (BatchNorm then uses its running statistics) and `model.train()` to
 switch back.
@@ -154,6 +155,111 @@ class WideResNet(nnx.Module):
     return self.fc(_global_avg_pool(x))
 
 
+class ImageNetResNet(nnx.Module):
+  """torchvision's ImageNet ResNet: 7x7 stem, max pool, four stages, linear.
+
+  Same layers and parameter counts as torchvision.models.resnet18/34/50, so
+  published recipes and weights layouts apply.
+  """
+
+  def __init__(
+      self,
+      *,
+      block: type[nnx.Module],
+      blocks_per_stage: Sequence[int],
+      num_classes: int,
+      in_channels: int,
+      rngs: nnx.Rngs,
+  ):
+    """Creates the network.
+
+    Args:
+      block: layers.BasicBlock (resnet18/34) or layers.Bottleneck (resnet50).
+      blocks_per_stage: blocks in each of the four stages, e.g. (2, 2, 2, 2).
+      num_classes: number of output logits.
+      in_channels: number of input image channels.
+      rngs: random key source for the parameter inits.
+    """
+    self.stem_conv = nnx.Conv(
+        in_channels,
+        64,
+        kernel_size=(7, 7),
+        strides=2,
+        padding=((3, 3), (3, 3)),
+        use_bias=False,
+        rngs=rngs,
+    )
+    self.stem_bn = layers.batch_norm(64, rngs=rngs)
+    expansion = getattr(block, "expansion", 1)
+    blocks, cin = [], 64
+    for width, count, stride in zip((64, 128, 256, 512), blocks_per_stage, (1, 2, 2, 2)):
+      for b in range(count):
+        blocks.append(block(cin, width, strides=stride if b == 0 else 1, rngs=rngs))
+        cin = width * expansion
+    self.blocks = nnx.List(blocks)
+    self.fc = nnx.Linear(cin, num_classes, rngs=rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Returns the logits (B, num_classes) for images (B, H, W, C)."""
+    x = nnx.relu(self.stem_bn(self.stem_conv(x_BxHxWxC)))
+    x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for block in self.blocks:
+      x = block(x)
+    return self.fc(_global_avg_pool(x))
+
+
+# (expansion ratio, channels, blocks, first stride) of each MobileNetV2 stage.
+_MOBILENET_V2_STAGES = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class MobileNetV2(nnx.Module):
+  """torchvision's MobileNetV2 (width 1.0), an ImageNet student: inverted residuals.
+
+  Same layers and parameter count as torchvision.models.mobilenet_v2 (its
+  classifier's dropout left out: kd_jax's models have none).
+  """
+
+  def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs):
+    """Creates the network.
+
+    Args:
+      num_classes: number of output logits.
+      in_channels: number of input image channels.
+      rngs: random key source for the parameter inits.
+    """
+    self.stem_conv = layers.conv3x3(in_channels, 32, strides=2, rngs=rngs)
+    self.stem_bn = layers.batch_norm(32, rngs=rngs)
+    blocks, cin = [], 32
+    for ratio, channels, count, stride in _MOBILENET_V2_STAGES:
+      for b in range(count):
+        blocks.append(
+            layers.InvertedResidual(
+                cin, channels, strides=stride if b == 0 else 1, expand_ratio=ratio, rngs=rngs
+            )
+        )
+        cin = channels
+    self.blocks = nnx.List(blocks)
+    self.head_conv = layers.PointwiseConv(cin, 1280, rngs=rngs)
+    self.head_bn = layers.batch_norm(1280, rngs=rngs)
+    self.fc = nnx.Linear(1280, num_classes, rngs=rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Returns the logits (B, num_classes) for images (B, H, W, C)."""
+    x = nnx.relu6(self.stem_bn(self.stem_conv(x_BxHxWxC)))
+    for block in self.blocks:
+      x = block(x)
+    x = nnx.relu6(self.head_bn(self.head_conv(x)))
+    return self.fc(_global_avg_pool(x))
+
+
 _RESNET_WIDTHS = (16, 16, 32, 64)
 _RESNET_X4_WIDTHS = (32, 64, 128, 256)
 
@@ -170,6 +276,17 @@ _MODELS: dict[str, Callable[..., nnx.Module]] = {
         for depth in (16, 40)
         for k in (1, 2)
     },
+    # ImageNet models (torchvision layouts).
+    "resnet18": functools.partial(
+        ImageNetResNet, block=layers.BasicBlock, blocks_per_stage=(2, 2, 2, 2)
+    ),
+    "resnet34": functools.partial(
+        ImageNetResNet, block=layers.BasicBlock, blocks_per_stage=(3, 4, 6, 3)
+    ),
+    "resnet50": functools.partial(
+        ImageNetResNet, block=layers.Bottleneck, blocks_per_stage=(3, 4, 6, 3)
+    ),
+    "mobilenet_v2": MobileNetV2,
 }
 
 # Models whose constructor takes a width_multiplier; the rest have the fixed

@@ -58,6 +58,25 @@ def test_param_counts_match_published(name, num_classes, published_millions, dig
   assert round(count / 1e6, digits) == published_millions
 
 
+# torchvision's exact counts for 1,000 classes (sum of p.numel() over parameters()).
+@pytest.mark.parametrize(
+    "name, torchvision_count",
+    [
+        ("resnet18", 11_689_512),
+        ("resnet34", 21_797_672),
+        ("resnet50", 25_557_032),
+        ("mobilenet_v2", 3_504_872),
+    ],
+)
+def test_imagenet_models_match_torchvision(name, torchvision_count):
+  assert models.count_params(_abstract_model(name, num_classes=1000)) == torchvision_count
+  model = _abstract_model(name, num_classes=1000)
+  logits = nnx.eval_shape(
+      lambda m, x: m(x), model, jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  )
+  assert logits.shape == (1, 1000)
+
+
 def _dsconv_params(cin, cout):
   depthwise = 3 * 3 * cin
   pointwise = cin * cout
