@@ -46,7 +46,10 @@ def main():
   teacher, teacher_variables = create_network("resnet20", num_classes=10, in_channels=3, seed=0)
   teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
   optimizer = optim.make_optimizer(
-      default.optimizer_config(name="adam", learning_rate=1e-3, schedule="constant"), STEPS, 1
+      default.optimizer_config(name="adam", learning_rate=1e-3, schedule="constant"),
+      STEPS,
+      1,
+      BATCH,
   )
   step = train.make_train_step(
       student,

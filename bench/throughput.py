@@ -201,12 +201,12 @@ def bench_steps(
     batch_arrays, extra_args = arrays, ()
     if kind == "teacher_train":
       network, variables = create_network("resnet20", **shape_kwargs)
-      optimizer = optim.make_optimizer(sgd_config(), 1, 1)
+      optimizer = optim.make_optimizer(sgd_config(), 1, 1, batch_size)
       step = train.make_train_step(network, optimizer, data, seed=SEED, **step_kwargs)
       extra_args = (None,)
     else:
       network, variables = create_network("dsconv_student", **shape_kwargs)
-      optimizer = optim.make_optimizer(adam_config(), 1, 1)
+      optimizer = optim.make_optimizer(adam_config(), 1, 1, batch_size)
       # Offline, the teacher's logits come with the batch; online, the teacher runs in the step.
       online = kind == "student_online"
       step = train.make_train_step(
@@ -268,7 +268,7 @@ def bench_pipeline(
   teacher, teacher_variables = create_network("resnet20", **shape_kwargs)
   teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
   network, variables = create_network("dsconv_student", **shape_kwargs)
-  optimizer = optim.make_optimizer(adam_config(), steps_per_epoch, 1)
+  optimizer = optim.make_optimizer(adam_config(), steps_per_epoch, 1, batch_size)
   train_step = train.make_train_step(
       network,
       optimizer,

@@ -12,7 +12,8 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(
       dict(
           name="adam",  # adam | adamw | sgd
-          learning_rate=1e-4,  # peak learning rate for the global batch
+          learning_rate=1e-4,  # peak learning rate for the global batch...
+          reference_batch_size=0,  # ...or, if set, for this batch, scaled linearly to the global one
           momentum=0.9,  # sgd only
           nesterov=False,  # sgd only
           weight_decay=0.0,
@@ -46,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
           test_split="test",
           download=True,  # may TFDS download the dataset if it is not prepared?
           tfds_data_dir="",  # where TFDS keeps prepared data; "" is its default
-          augment="crop_flip",  # crop_flip (pad-4 random crop + horizontal flip) | none
+          augment="crop_flip",  # crop_flip (pad-4 crop + flip) | resized_crop_flip (ImageNet) | none
           # source=folder: logits from another tool, dir/train/<class>/<image>.npy per
           # training image (offline distillation with no kd_jax teacher)
           teacher_logits_dir="",

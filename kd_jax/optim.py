@@ -7,16 +7,17 @@ from kd_jax.errors import UserInputError
 
 
 def make_optimizer(
-    optimizer_config, steps_per_epoch: int, epochs: int
+    optimizer_config, steps_per_epoch: int, epochs: int, batch_size: int
 ) -> optax.GradientTransformation:
   """Builds a stage's optax optimiser from its `optimizer` config.
 
   `name`: 'adam', 'adamw' or 'sgd' (with `momentum`, optionally `nesterov`).
   `weight_decay` is decoupled for AdamW and an L2 term added to the gradient
   for Adam and SGD, as PyTorch's `weight_decay` argument does. A positive
-  `grad_clip_norm` clips the global gradient norm first.
+  `grad_clip_norm` clips the global gradient norm first. `batch_size` is the
+  stage's global batch (see `schedules.peak_learning_rate`).
   """
-  lr = schedules.learning_rate_schedule(optimizer_config, steps_per_epoch, epochs)
+  lr = schedules.learning_rate_schedule(optimizer_config, steps_per_epoch, epochs, batch_size)
   name = optimizer_config.name
   decay = optimizer_config.weight_decay
   if name == "adamw":

@@ -14,14 +14,29 @@ from kd_jax.errors import UserInputError
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
 
-def learning_rate_schedule(optimizer_config, steps_per_epoch: int, epochs: int) -> Schedule:
+def peak_learning_rate(optimizer_config, batch_size: int) -> float:
+  """`learning_rate`, scaled linearly to the global batch if `reference_batch_size` is set.
+
+  Goyal et al.'s rule, which published ImageNet recipes state their rates
+  under ("0.2 at batch 512"): the same recipe then runs on any device count.
+  """
+  reference = optimizer_config.reference_batch_size
+  if not reference:
+    return optimizer_config.learning_rate
+  return optimizer_config.learning_rate * batch_size / reference
+
+
+def learning_rate_schedule(
+    optimizer_config, steps_per_epoch: int, epochs: int, batch_size: int
+) -> Schedule:
   """The learning rate per step, from a stage's `optimizer` config.
 
   `schedule`: 'cosine' (linear warm-up over `warmup_epochs`, then cosine decay
   to `end_lr_fraction` of the peak over the rest of the run), 'step' (multiply
-  by `decay_factor` at each epoch in `decay_epochs`) or 'constant'.
+  by `decay_factor` at each epoch in `decay_epochs`) or 'constant'. The peak
+  is `peak_learning_rate` for the stage's global `batch_size`.
   """
-  lr = optimizer_config.learning_rate
+  lr = peak_learning_rate(optimizer_config, batch_size)
   total_steps = max(steps_per_epoch * epochs, 1)
   kind = optimizer_config.schedule
   if kind == "cosine":

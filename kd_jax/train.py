@@ -22,7 +22,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from kd_jax import evaluate, logs, methods, optim, parallel, teacher_cache
+from kd_jax import evaluate, logs, methods, optim, parallel, schedules, teacher_cache
 from kd_jax.checkpoint import StageCheckpoints
 from kd_jax.data import Dataset
 from kd_jax.data import augment as augment_lib
@@ -337,7 +337,7 @@ def train_stage(
         f"{data.num_train} training examples; lower it"
     )
   steps = data.num_train // batch_size
-  optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs)
+  optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs, batch_size)
   objective = methods.cross_entropy_objective
   if teacher is not None or teacher_logits is not None or teacher_views is not None:
     objective = methods.make_objective(config.distill, steps, epochs)
@@ -371,7 +371,7 @@ def train_stage(
   settings = {
       "batch_size": batch_size,
       "optimizer": stage_config.optimizer.name,
-      "learning_rate": stage_config.optimizer.learning_rate,
+      "learning_rate": schedules.peak_learning_rate(stage_config.optimizer, batch_size),
       "devices": mesh.size,
       "compute_dtype": network.compute_dtype,
   }

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from configs import imagenet_r34_r18
 from conftest import ROOT, small_config
 from kd_jax import pipeline
 from kd_jax.errors import UserInputError
@@ -206,3 +207,27 @@ def test_teacher_for_another_class_count_is_refused(quickstart_run, tmp_path):
   config.teacher.batch_size = config.student.batch_size = 4
   with pytest.raises(UserInputError, match="predicts 10 classes but the dataset has 3"):
     pipeline.train_and_evaluate(config, str(tmp_path / "work"))
+
+
+def test_imagenet_config_runs_a_few_steps_on_mock_data(tmp_path):
+  # The published DKD recipe as it stands (resnet34 -> resnet18, 1,000 classes,
+  # resized crops, SGD with linear scaling), shrunk to 32x32 images and two
+  # steps a stage so that it fits the suite.
+  config = imagenet_r34_r18.get_config("dkd")
+  config.data.image_size = 32
+  for stage in (config.teacher, config.student):
+    stage.update(epochs=1, batch_size=8)
+  config.eval.update(batch_size=8, latency_repeats=1, throughput_repeats=1)
+  config.baseline.enabled = False
+  config.export.enabled = False
+  with tfds.testing.mock_data(num_examples=16):
+    report = pipeline.train_and_evaluate(config, str(tmp_path))
+  assert report["dataset"] == {
+      "name": "imagenet2012",
+      "num_train": 16,
+      "num_test": 16,
+      "num_classes": 1000,
+  }
+  assert report["teacher"]["model"] == "resnet34" and report["student"]["model"] == "resnet18"
+  # lr 0.2 at batch 512, scaled to the global batch of 8.
+  assert report["student"]["learning_rate"] == pytest.approx(0.2 * 8 / 512)

@@ -53,7 +53,7 @@ def test_changing_temperature_does_not_recompile():
 
 def test_warmup_cosine_learning_rate():
   config = default.optimizer_config(learning_rate=0.1, warmup_epochs=1)
-  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=10, epochs=5)
+  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=10, epochs=5, batch_size=64)
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(10)), 0.1, rtol=1e-6)
   assert float(schedule(30)) < 0.1
@@ -64,7 +64,7 @@ def test_step_learning_rate():
   config = default.optimizer_config(
       learning_rate=0.05, schedule="step", decay_epochs=(2, 4), decay_factor=0.1
   )
-  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=3, epochs=6)
+  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=3, epochs=6, batch_size=64)
   np.testing.assert_allclose(
       [float(schedule(s)) for s in (0, 5, 6, 11, 12)], [0.05, 0.05, 0.005, 0.005, 0.0005], rtol=1e-6
   )
@@ -75,7 +75,7 @@ def test_optimizers_clip_and_descend(name):
   config = default.optimizer_config(
       name=name, learning_rate=0.1, schedule="constant", weight_decay=1e-4, grad_clip_norm=1.0
   )
-  optimizer = optim.make_optimizer(config, steps_per_epoch=1, epochs=1)
+  optimizer = optim.make_optimizer(config, steps_per_epoch=1, epochs=1, batch_size=64)
   params = {"w": jnp.array([3.0, -2.0])}
   state = optimizer.init(params)
   huge_grads = {"w": jnp.array([1e6, -1e6])}
@@ -89,9 +89,20 @@ def test_optimizers_clip_and_descend(name):
 def test_unknown_optimizer_settings_are_named(field, value):
   config = default.optimizer_config(**{field: value})
   with pytest.raises(UserInputError, match=f"optimizer.{field}"):
-    optim.make_optimizer(config, steps_per_epoch=1, epochs=1)
+    optim.make_optimizer(config, steps_per_epoch=1, epochs=1, batch_size=64)
 
 
 def test_unknown_temperature_schedule_is_named():
   with pytest.raises(UserInputError, match="temperature_schedule"):
     schedules.temperature_schedule(_distill(temperature_schedule="exp"), 1, 1)
+
+
+def test_reference_batch_size_scales_the_peak_linearly():
+  config = default.optimizer_config(
+      learning_rate=0.2, reference_batch_size=512, schedule="constant"
+  )
+  assert schedules.peak_learning_rate(config, 256) == pytest.approx(0.1)
+  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=1, epochs=1, batch_size=1024)
+  assert float(schedule(0)) == pytest.approx(0.4)
+  config.reference_batch_size = 0
+  assert schedules.peak_learning_rate(config, 256) == 0.2

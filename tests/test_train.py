@@ -36,7 +36,9 @@ def test_distillation_step_updates_student_and_leaves_teacher_untouched(setup):
   teacher, teacher_variables = create_network("resnet8", **shapes)
   teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
   config = default.get_config()
-  optimizer = optim.make_optimizer(config.student.optimizer, steps_per_epoch=4, epochs=1)
+  optimizer = optim.make_optimizer(
+      config.student.optimizer, steps_per_epoch=4, epochs=1, batch_size=16
+  )
   step = train.make_train_step(
       student,
       optimizer,

@@ -65,10 +65,60 @@ def random_crop_flip(
   return jax.vmap(crop_one)(padded, offsets_Bx2, flips_B)
 
 
+# torchvision's RandomResizedCrop defaults: area fraction and aspect-ratio range.
+RESIZED_CROP_SCALE = (0.08, 1.0)
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def random_resized_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
+  """A random area (8-100%) and aspect ratio (3/4-4/3) of each image, resized back, half flipped.
+
+  The standard ImageNet augmentation (torchvision's RandomResizedCrop and
+  RandomHorizontalFlip), one independent draw per image, bilinear with
+  antialiasing. Where torchvision redraws a crop that does not fit, this
+  clips it to the image, so every draw is one fixed-shape computation.
+  Returns float32 images on the uint8 scale (0..255).
+  """
+  batch, height, width, channels = images_BxHxWxC.shape
+  area_key, ratio_key, y_key, x_key, flip_key = jax.random.split(key, 5)
+  area_B = jax.random.uniform(area_key, (batch,), minval=RESIZED_CROP_SCALE[0], maxval=1.0)
+  log_ratio_B = jax.random.uniform(
+      ratio_key,
+      (batch,),
+      minval=jnp.log(RESIZED_CROP_RATIO[0]),
+      maxval=jnp.log(RESIZED_CROP_RATIO[1]),
+  )
+  ratio_B = jnp.exp(log_ratio_B)
+  crop_h_B = jnp.clip(jnp.sqrt(area_B * height * width / ratio_B), 1.0, height)
+  crop_w_B = jnp.clip(jnp.sqrt(area_B * height * width * ratio_B), 1.0, width)
+  top_B = jax.random.uniform(y_key, (batch,)) * (height - crop_h_B)
+  left_B = jax.random.uniform(x_key, (batch,)) * (width - crop_w_B)
+  flips_B = jax.random.bernoulli(flip_key, 0.5, (batch,))
+
+  def crop_one(image, top, left, crop_h, crop_w, flip):
+    scale_2 = jnp.stack([height / crop_h, width / crop_w])
+    resized = jax.image.scale_and_translate(
+        image.astype(jnp.float32),
+        (height, width, channels),
+        spatial_dims=(0, 1),
+        scale=scale_2,
+        translation=-jnp.stack([top, left]) * scale_2,
+        method="linear",
+    )
+    return jnp.where(flip, resized[:, ::-1], resized)
+
+  return jax.vmap(crop_one)(images_BxHxWxC, top_B, left_B, crop_h_B, crop_w_B, flips_B)
+
+
+AUGMENTATIONS = {
+    "crop_flip": random_crop_flip,
+    "resized_crop_flip": random_resized_crop_flip,
+    "none": lambda key, images: images,
+}
+
+
 def get_augmentation(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """The augmentation named by config.data.augment, as f(key, images) -> images."""
-  if kind == "crop_flip":
-    return random_crop_flip
-  if kind == "none":
-    return lambda key, images: images
-  raise UserInputError(f"unknown data.augment {kind!r}; use 'crop_flip' or 'none'")
+  if kind not in AUGMENTATIONS:
+    raise UserInputError(f"unknown data.augment {kind!r}; use one of {', '.join(AUGMENTATIONS)}")
+  return AUGMENTATIONS[kind]

@@ -1,0 +1,34 @@
+"""On-device augmentation: the ImageNet-style random resized crop and flip."""
+
+import jax
+import numpy as np
+import pytest
+
+from kd_jax.data import augment
+from kd_jax.errors import UserInputError
+
+
+def test_resized_crop_keeps_shape_and_values_and_draws_per_image():
+  constant = np.full((4, 16, 16, 3), 77, np.uint8)
+  out = np.asarray(augment.random_resized_crop_flip(jax.random.key(0), constant))
+  assert out.shape == constant.shape and out.dtype == np.float32
+  # Interpolation weights sum to one: a flat image stays flat at any crop.
+  np.testing.assert_allclose(out, 77.0, atol=1e-3)
+
+  # A ramp shows where each crop fell: images of one batch get their own crop.
+  ramp = np.broadcast_to(np.arange(16, dtype=np.uint8)[None, None, :, None] * 16, (8, 16, 16, 3))
+  crops = np.asarray(augment.random_resized_crop_flip(jax.random.key(1), ramp))
+  assert 0.0 <= crops.min() and crops.max() <= 255.0
+  assert len({tuple(np.round(c[0, :, 0], 2)) for c in crops}) == len(crops)
+  # The same key gives the same views (the offline cache relies on it).
+  np.testing.assert_array_equal(
+      crops, np.asarray(augment.random_resized_crop_flip(jax.random.key(1), ramp))
+  )
+  # Flipped views run right to left; a crop never reverses the ramp itself.
+  directions = np.sign(crops[:, 0, -1, 0] - crops[:, 0, 0, 0])
+  assert set(directions) <= {-1.0, 1.0} and len(set(directions)) == 2
+
+
+def test_unknown_augmentation_names_the_choices():
+  with pytest.raises(UserInputError, match="use one of crop_flip, resized_crop_flip, none"):
+    augment.get_augmentation("mixup")
