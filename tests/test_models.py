@@ -172,8 +172,9 @@ def test_bfloat16_compute_keeps_float32_weights_and_logits(name):
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(mixed_variables))
   images = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
 
-  logits, _ = mixed.apply(variables, images, train=False)
-  reference, _ = full.apply(variables, images, train=False)
+  # Jitted: op-by-op bfloat16 on a CPU is slow.
+  logits = jax.jit(lambda v: mixed.apply(v, images, train=False)[0])(variables)
+  reference = jax.jit(lambda v: full.apply(v, images, train=False)[0])(variables)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, reference, rtol=0.05, atol=0.05)
   # Every convolution and matrix product, the custom CPU paths included, runs
@@ -190,12 +191,14 @@ def test_bfloat16_compute_keeps_float32_weights_and_logits(name):
       if inner.primitive.name in ("conv_general_dilated", "dot_general")
   ]
   assert products and all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars)
+
   # Gradients reach the float32 master weights as float32.
-  grads = jax.grad(
-      lambda p: mixed.apply(network.Variables(p, variables.batch_stats), images, train=True)[
-          0
-      ].sum()
-  )(variables.params)
+  def loss(params):
+    return mixed.apply(network.Variables(params, variables.batch_stats), images, train=True)[
+        0
+    ].sum()
+
+  grads = jax.jit(jax.grad(loss))(variables.params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
 
 
