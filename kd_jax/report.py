@@ -40,10 +40,15 @@ def compare(
   Without a teacher entry (its logits came from another tool) the teacher's
   side is unknown and those fields are None.
   """
+  costs = dict.fromkeys(("size_reduction", "speedup_latency", "speedup_throughput"))
+  if teacher:
+    costs = {
+        "size_reduction": teacher["param_bytes"] / student["param_bytes"],
+        "speedup_latency": teacher["latency_ms"] / student["latency_ms"],
+        "speedup_throughput": student["throughput"] / teacher["throughput"],
+    }
   return {
-      "size_reduction": teacher["param_bytes"] / student["param_bytes"] if teacher else None,
-      "speedup_latency": teacher["latency_ms"] / student["latency_ms"] if teacher else None,
-      "speedup_throughput": student["throughput"] / teacher["throughput"] if teacher else None,
+      **costs,
       "agreement": agreement,
       "kd_gain": student["top1"] - baseline["top1"] if baseline else None,
   }

@@ -65,6 +65,11 @@ def cache_root(workdir: str, teacher_checkpoint: str) -> str:
   return root if os.access(root, os.W_OK) else workdir
 
 
+def _keeps_all(top_k: int, num_classes: int) -> bool:
+  """Whether `top_k` asks for every logit (0, or at least the class count)."""
+  return not top_k or top_k >= num_classes
+
+
 def encode(logits: np.ndarray, top_k: int, dtype: str) -> dict[str, np.ndarray]:
   """The stored form of teacher logits (classes on the last axis).
 
@@ -77,7 +82,7 @@ def encode(logits: np.ndarray, top_k: int, dtype: str) -> dict[str, np.ndarray]:
   the top k (the mean of exponentials exceeds the exponential of the mean).
   """
   num_classes = logits.shape[-1]
-  if not top_k or top_k >= num_classes:
+  if _keeps_all(top_k, num_classes):
     return {"logits": np.asarray(logits, dtype)}
   indices = np.argpartition(-logits, top_k - 1, axis=-1)[..., :top_k]
   top = np.take_along_axis(logits, indices, axis=-1)
@@ -108,7 +113,7 @@ def decode(stored: dict, num_classes: int) -> jax.Array:
 
 def _expected_shapes(leading: tuple, num_classes: int, top_k: int) -> dict[str, tuple]:
   """The array shapes `encode` gives for logits of shape leading + (num_classes,)."""
-  if not top_k or top_k >= num_classes:
+  if _keeps_all(top_k, num_classes):
     return {"logits": (*leading, num_classes)}
   return {
       "top_logits": (*leading, top_k),

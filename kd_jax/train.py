@@ -8,7 +8,6 @@ it, so no image crosses from the host after the first copy.
 
 import contextlib
 import dataclasses
-import functools
 import signal
 import threading
 import time
@@ -168,9 +167,9 @@ def make_train_step(
   With a teacher, it runs in inference mode inside the same step and
   `objective` compares its logits with the student's; without one, the
   objective gets the batch's stored "teacher_logits" if it has them (offline
-  distillation, in `teacher_cache.encode`'s form), else None. The teacher's variables are an argument, neither
-  updated nor donated, so they stay outside the optimizer and one teacher can
-  serve every student.
+  distillation, in `teacher_cache.encode`'s form), else None. The teacher's
+  variables are an argument, neither updated nor donated, so they stay outside
+  the optimizer and one teacher can serve every student.
   """
 
   def train_step(state: TrainState, batch: dict, teacher_variables: Variables | None):
