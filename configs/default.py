@@ -48,6 +48,14 @@ def get_config() -> ml_collections.ConfigDict:
           download=True,  # may TFDS download the dataset if it is not prepared?
           tfds_data_dir="",  # where TFDS keeps prepared data; "" is its default
           augment="crop_flip",  # crop_flip (pad-4 crop + flip) | resized_crop_flip (ImageNet) | none
+          # true: decode everything into memory first | false: stream from disk as training
+          # goes (folder, or tfds prepared as array_record) | auto: stream when the decoded
+          # images of one process's share exceed memory_budget_gb
+          in_memory="auto",
+          memory_budget_gb=16.0,
+          workers=0,  # streaming: decoding threads per process; 0 = one per CPU core
+          prefetch=2,  # streaming: batches in flight to the devices
+          stats_images=50000,  # streaming: images sampled for the normalisation statistics
           # source=folder: logits from another tool, dir/train/<class>/<image>.npy per
           # training image (offline distillation with no kd_jax teacher)
           teacher_logits_dir="",

@@ -24,10 +24,10 @@ from kd_jax import (
     plots,
     predict,
     report,
+    streaming,
     teacher_cache,
     train,
 )
-from kd_jax.data import augment as augment_lib
 from kd_jax.errors import UserInputError
 from kd_jax.network import Network, Variables, create_network, resolve_compute_dtype
 
@@ -90,8 +90,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
   """Refuses to resume a workdir that a different config wrote.
 
   Checkpoints of another model, dataset or method would be restored into the
-  wrong run. Evaluation, export and checkpoint settings do not change results
-  and may differ; anything else needs checkpoint.allow_config_change=true.
+  wrong run. Evaluation, export and checkpoint settings and the streaming
+  threads and prefetch do not change results and may differ; anything else needs checkpoint.allow_config_change=true.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
@@ -104,6 +104,7 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
         for key in set(before) | set(now)
         if before.get(key) != now.get(key)
         and not key.startswith(("checkpoint.", "eval.", "export."))
+        and key not in ("data.workers", "data.prefetch")
     )
     if differing:
       shown = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in differing[:5])
@@ -144,36 +145,32 @@ def _restore_teacher(
   return checkpoint.restore_variables(path, variables, check_meta)
 
 
-def _summarise(
-    network: Network, variables: Variables, device_data: train.DeviceData, gather, mesh, config
-):
-  """Test logits and the report entry of one trained model."""
-  logits = evaluate.predict_logits(
+def _summarise(network: Network, variables: Variables, device_data, mesh, config):
+  """Test logits and labels, and the report entry, of one trained model."""
+  logits, labels = device_data.predict(
       evaluate.jit_forward(network, device_data.mean_C, device_data.std_C, mesh),
       variables,
-      device_data.test_images,
-      device_data.test_layout.rows,
+      "test",
       config.eval.batch_size,
-      gather,
   )
   entry = {
-      "top1": evaluate.topk_accuracy(logits, device_data.test_labels, 1),
-      "top5": evaluate.topk_accuracy(logits, device_data.test_labels, 5),
+      "top1": evaluate.topk_accuracy(logits, labels, 1),
+      "top5": evaluate.topk_accuracy(logits, labels, 5),
   }
   entry.update(
       evaluate.measure_efficiency(
           evaluate.make_forward(network, device_data.mean_C, device_data.std_C),
           variables,
-          device_data.test_images.shape[1:],
+          device_data.image_shape,
           batch_size=config.eval.batch_size,
           latency_repeats=config.eval.latency_repeats,
           throughput_repeats=config.eval.throughput_repeats,
       )
   )
-  return logits, entry
+  return logits, labels, entry
 
 
-def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, gather, mesh):
+def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, mesh):
   """Offline distillation's stored teacher predictions, computed if absent.
 
   Returns (keyword arguments for the student's train_stage, the cache folder):
@@ -186,12 +183,7 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
   root = teacher_cache.cache_root(workdir, config.teacher.checkpoint)
   if distill.cache == "plain":
     key = teacher_cache.fingerprint(
-        variables,
-        dataset.train_images,
-        dataset.train_labels,
-        distill.cache_dtype,
-        "plain",
-        distill.cache_top_k,
+        variables, dataset.digest(), distill.cache_dtype, "plain", distill.cache_top_k
     )
     forward = evaluate.jit_forward(teacher, device_data.mean_C, device_data.std_C, mesh)
     stored, folder = teacher_cache.load_or_compute(
@@ -199,29 +191,20 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
         key,
         device_data.num_train,
         dataset.num_classes,
-        lambda: evaluate.predict_logits(
-            forward,
-            variables,
-            device_data.train_images,
-            device_data.train_layout.rows,
-            config.eval.batch_size,
-            gather,
-        ),
+        lambda: device_data.predict(forward, variables, "train", config.eval.batch_size)[0],
         **storage,
     )
-    by_row = jax.tree.map(device_data.train_layout.by_row, stored)
-    return {"teacher_logits": jax.device_put(by_row, parallel.replicated(mesh))}, folder
+    return {"teacher_logits": stored}, folder
   if distill.cache != "consistent":
     raise UserInputError(f"unknown distill.cache {distill.cache!r}; use 'plain' or 'consistent'")
 
   # Each student step's view is a pure function of (seed, step): make them all
   # now, exactly as train_stage will, and keep the teacher's logits for them.
-  augmentation = augment_lib.get_augmentation(config.data.augment)
-  steps = device_data.num_train // student.batch_size
+  augmentation = device_data.step_augmentation(config.data.augment)
+  steps = device_data.steps_per_epoch(student.batch_size)
   key = teacher_cache.fingerprint(
       variables,
-      dataset.train_images,
-      dataset.train_labels,
+      dataset.digest(),
       distill.cache_dtype,
       "consistent",
       config.data.augment,
@@ -238,10 +221,10 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, g
   teacher_on_view = parallel.in_order(jax.jit(view_logits, out_shardings=parallel.replicated(mesh)))
 
   def compute_epoch(epoch):
-    indices_SxB = train.epoch_indices(config.seed, epoch, device_data.num_train, student.batch_size)
+    batches = device_data.train_batches(config.seed, epoch, 0, student.batch_size)
     logits = [
-        teacher_on_view(gather(device_data.train_images, rows_B), epoch * steps + position)
-        for position, rows_B in enumerate(device_data.train_layout.rows[indices_SxB])
+        teacher_on_view(batch["image"], epoch * steps + position)
+        for position, batch in enumerate(batches)
     ]
     return np.stack(jax.device_get(logits))
 
@@ -278,7 +261,7 @@ def _teacher_stage(config, workdir, dataset, network_kwargs, stage_kwargs):
   )
 
 
-def _foreign_teacher_logits(config, dataset, device_data, mesh):
+def _foreign_teacher_logits(config, dataset, device_data):
   """Offline distillation from data.teacher_logits_dir: logits another tool wrote.
 
   Returns the student's train_stage keyword arguments and the folder read.
@@ -291,9 +274,9 @@ def _foreign_teacher_logits(config, dataset, device_data, mesh):
   logging.info(
       "distilling from %d teacher-logit files in %s", len(logits), config.data.teacher_logits_dir
   )
-  by_row = jax.tree.map(device_data.train_layout.gather_all, stored)
-  teacher_logits = jax.device_put(by_row, parallel.replicated(mesh))
-  return {"teacher_logits": teacher_logits}, os.path.abspath(config.data.teacher_logits_dir)
+  layout = device_data.train_layout
+  every_example = jax.tree.map(lambda a: layout.gather_all(a)[layout.rows], stored)
+  return {"teacher_logits": every_example}, os.path.abspath(config.data.teacher_logits_dir)
 
 
 def train_and_evaluate(
@@ -310,14 +293,17 @@ def train_and_evaluate(
   _check_config(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   _check_workdir_config(config, workdir)
-  dataset = data.load_dataset(config.data, jax.process_index(), jax.process_count())
-  if jax.process_count() > 1:
-    logging.info(
-        "process %d holds %d training and %d test examples",
-        jax.process_index(),
-        len(dataset.train_labels),
-        len(dataset.test_labels),
-    )
+  streamed = data.streams(config.data, jax.process_count())
+  if streamed:
+    dataset = data.open_dataset(config.data, jax.process_index(), jax.process_count())
+  else:
+    dataset = data.load_dataset(config.data, jax.process_index(), jax.process_count())
+  logging.info(
+      "process %d %s %d training and %d test examples",
+      jax.process_index(),
+      "streams" if streamed else "holds",
+      *dataset.split_sizes,
+  )
   shapes = parallel.allgather(np.array([dataset.image_shape]))
   if (shapes != shapes[0]).any():
     raise UserInputError(
@@ -333,8 +319,10 @@ def train_and_evaluate(
       config.teacher.batch_size // mesh.size,
       config.student.batch_size // mesh.size,
   )
-  device_data = train.put_on_device(dataset, mesh)
-  gather = train.make_gather(mesh)
+  if streamed:
+    device_data = streaming.StreamedData(dataset, mesh, config.data)
+  else:
+    device_data = train.put_on_device(dataset, mesh)
   network_kwargs = dict(
       num_classes=dataset.num_classes,
       in_channels=dataset.image_shape[-1],
@@ -352,10 +340,10 @@ def train_and_evaluate(
   offline_kwargs, cache_folder = {}, None
   logits_start = time.perf_counter()
   if config.data.teacher_logits_dir:
-    offline_kwargs, cache_folder = _foreign_teacher_logits(config, dataset, device_data, mesh)
+    offline_kwargs, cache_folder = _foreign_teacher_logits(config, dataset, device_data)
   elif config.distill.mode == "offline":
     offline_kwargs, cache_folder = _teacher_logits(
-        config, workdir, dataset, device_data, teacher, teacher_run.variables, gather, mesh
+        config, workdir, dataset, device_data, teacher, teacher_run.variables, mesh
     )
   logits_time_s = time.perf_counter() - logits_start
 
@@ -404,14 +392,14 @@ def train_and_evaluate(
       "dataset": {
           "name": config.data.name if config.data.source == "tfds" else config.data.source,
           "num_train": device_data.num_train,
-          "num_test": len(device_data.test_labels),
           "num_classes": dataset.num_classes,
       },
       "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
   }
   predictions = {}
   for name, (network, run) in runs.items():
-    logits, entry = _summarise(network, run.variables, device_data, gather, mesh, config)
+    logits, labels, entry = _summarise(network, run.variables, device_data, mesh, config)
+    results["dataset"]["num_test"] = len(labels)
     predictions[name] = logits.argmax(-1)
     best = max(run.history, key=lambda epoch: epoch["test_top1"])
     results[name] = {

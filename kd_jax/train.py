@@ -11,7 +11,7 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import flax.struct
 import jax
@@ -83,7 +83,8 @@ class DeviceData:
   """A dataset held in device memory as uint8, its images split over the mesh.
 
   Each process's devices hold its share of the images; what a step gathers
-  is addressed by row (see RowLayout).
+  is addressed by row (see RowLayout). `streaming.StreamedData` has the same
+  interface for data read from disk as training goes.
   """
 
   train_images: jax.Array
@@ -95,10 +96,52 @@ class DeviceData:
   mean_C: np.ndarray
   std_C: np.ndarray
   num_classes: int
+  gather: Callable  # make_gather's, for this mesh
 
   @property
   def num_train(self) -> int:
+    """Training examples over all processes."""
     return len(self.train_layout.rows)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """(H, W, C) of every image."""
+    return tuple(self.train_images.shape[1:])
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Steps of one epoch at the global `batch_size`."""
+    return self.num_train // batch_size
+
+  def step_augmentation(self, kind: str) -> augment_lib.Augmentation:
+    """What the train step does to a batch before normalising it: the whole augmentation."""
+    return augment_lib.get_augmentation(kind)
+
+  def put_per_example(self, stored: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Per-example arrays given for every example (one-process order), on the devices by row."""
+    mesh = self.train_images.sharding.mesh
+    return jax.device_put(jax.tree.map(self.train_layout.by_row, stored), parallel.replicated(mesh))
+
+  def train_batches(
+      self, seed: int, epoch: int, start: int, batch_size: int, per_example: dict | None = None
+  ) -> Iterator[dict]:
+    """The global batches of steps `start`.. of `epoch`: "image", "label" and any `per_example` rows."""
+    arrays = {"image": self.train_images, "label": self.train_labels}
+    if per_example:
+      arrays["teacher_logits"] = per_example
+    rows_SxB = self.train_layout.rows[epoch_indices(seed, epoch, self.num_train, batch_size)]
+    return (self.gather(arrays, rows_B) for rows_B in rows_SxB[start:])
+
+  def predict(
+      self, forward: Callable, variables: Variables, split: str, batch_size: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of every example of `split` ('train' or 'test'), unaugmented, in one-process order."""
+    if split == "train":
+      images, layout = self.train_images, self.train_layout
+      labels = np.asarray(jax.device_get(self.train_labels))[layout.rows]
+    else:
+      images, layout, labels = self.test_images, self.test_layout, self.test_labels
+    logits = evaluate.predict_logits(forward, variables, images, layout.rows, batch_size, self.gather)
+    return logits, labels
 
 
 def put_on_device(dataset: Dataset, mesh) -> DeviceData:
@@ -125,6 +168,7 @@ def put_on_device(dataset: Dataset, mesh) -> DeviceData:
       mean_C,
       std_C,
       dataset.num_classes,
+      make_gather(mesh),
   )
 
 
@@ -139,7 +183,7 @@ def make_gather(mesh) -> Callable:
 
 
 def student_view(
-    augmentation: Callable, seed: int, step: jax.Array, images_BxHxWxC: jax.Array, data: DeviceData
+    augmentation: Callable, seed: int, step: jax.Array, images_BxHxWxC: jax.Array, data
 ) -> jax.Array:
   """What the student sees at `step`: the batch augmented, then normalised.
 
@@ -147,14 +191,14 @@ def student_view(
   step can be made again, e.g. for the teacher ahead of time (offline
   distillation with consistent views).
   """
-  images = augmentation(jax.random.fold_in(jax.random.key(seed), step), images_BxHxWxC)
+  images = augmentation(augment_lib.step_key(seed, step), images_BxHxWxC)
   return augment_lib.normalize(images, data.mean_C, data.std_C)
 
 
 def make_train_step(
     network: Network,
     optimizer: optax.GradientTransformation,
-    data: DeviceData,
+    data,
     *,
     augmentation: Callable,
     seed: int,
@@ -302,11 +346,11 @@ def train_stage(
     stage_config,
     network: Network,
     variables: Variables,
-    data: DeviceData,
+    data,
     mesh,
     teacher: Network | None = None,
     teacher_variables: Variables | None = None,
-    teacher_logits: dict[str, jax.Array] | None = None,
+    teacher_logits: dict[str, np.ndarray] | None = None,
     teacher_views: Callable[[int], dict[str, np.ndarray]] | None = None,
     seed: int,
     may_train: bool = True,
@@ -318,8 +362,8 @@ def train_stage(
   one row per training example (offline, plain), or from `teacher_views(epoch)`,
   the logits of exactly the views each step of that epoch shows the student,
   steps x batch x classes (offline, consistent); stored logits come in
-  `teacher_cache.encode`'s form, `teacher_logits` laid out by row
-  (`RowLayout.by_row`).
+  `teacher_cache.encode`'s form, `teacher_logits` in one-process order.
+  `data` is a `DeviceData` or a `streaming.StreamedData`.
 
   Saves an Orbax checkpoint every `checkpoint.every_steps` steps and at each
   epoch end, after a test-set evaluation and a line in metrics.jsonl and
@@ -335,7 +379,7 @@ def train_stage(
         f"{name}.batch_size={batch_size} is larger than the "
         f"{data.num_train} training examples; lower it"
     )
-  steps = data.num_train // batch_size
+  steps = data.steps_per_epoch(batch_size)
   optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs, batch_size)
   objective = methods.cross_entropy_objective
   if teacher is not None or teacher_logits is not None or teacher_views is not None:
@@ -344,13 +388,12 @@ def train_stage(
       network,
       optimizer,
       data,
-      augmentation=augment_lib.get_augmentation(config.data.augment),
+      augmentation=data.step_augmentation(config.data.augment),
       seed=seed,
       mesh=mesh,
       teacher=teacher,
       objective=objective,
   )
-  gather = make_gather(mesh)
   forward = evaluate.jit_forward(network, data.mean_C, data.std_C, mesh)
 
   state = jax.device_put(
@@ -415,15 +458,12 @@ def train_stage(
         signum,
     )
 
-  arrays = {"image": data.train_images, "label": data.train_labels}
-  if teacher_logits is not None:
-    arrays["teacher_logits"] = teacher_logits
+  per_example = None if teacher_logits is None else data.put_per_example(teacher_logits)
   log = logs.StageLog(stage_dir)
   wall_time_s = meta["wall_time_s"]
   try:
     with stop_requests() as requested:
       for epoch in range(step // steps, epochs):
-        rows_SxB = data.train_layout.rows[epoch_indices(seed, epoch, data.num_train, batch_size)]
         epoch_start = time.perf_counter()
         with tqdm(
             total=steps,
@@ -438,8 +478,8 @@ def train_stage(
                 [jax.tree.map(lambda a: a[p], views) for p in range(steps)],
                 parallel.batch_sharding(mesh),
             )
-          for position in range(step % steps, steps):
-            batch = gather(arrays, rows_SxB[position])
+          batches = data.train_batches(seed, epoch, step % steps, batch_size, per_example)
+          for position, batch in zip(range(step % steps, steps), batches):
             if teacher_views is not None:
               batch["teacher_logits"] = view_logits[position]
             state, metrics = train_step(state, batch, teacher_variables)
@@ -459,16 +499,11 @@ def train_stage(
                 running.flush()
                 save()
         running.flush()
-        test_logits = evaluate.predict_logits(
-            forward,
-            state.variables,
-            data.test_images,
-            data.test_layout.rows,
-            config.eval.batch_size,
-            gather,
+        test_logits, test_labels = data.predict(
+            forward, state.variables, "test", config.eval.batch_size
         )
         epoch_metrics = running.means()
-        epoch_metrics["test_top1"] = evaluate.topk_accuracy(test_logits, data.test_labels, 1)
+        epoch_metrics["test_top1"] = evaluate.topk_accuracy(test_logits, test_labels, 1)
         epoch_metrics["epoch_time_s"] = time.perf_counter() - epoch_start
         history.append({"epoch": epoch + 1, **epoch_metrics})
         log.write(epoch + 1, epoch_metrics)

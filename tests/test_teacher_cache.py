@@ -10,6 +10,7 @@ import pytest
 
 from conftest import small_config
 from kd_jax import pipeline, teacher_cache
+from kd_jax.data import Dataset
 from kd_jax.errors import UserInputError
 from kd_jax.network import create_network
 
@@ -64,13 +65,17 @@ def test_fingerprint_changes_with_teacher_data_and_dtype():
   _, variables = create_network("resnet8", num_classes=10, in_channels=1, seed=0)
   _, other = create_network("resnet8", num_classes=10, in_channels=1, seed=1)
   images = np.zeros((4, 8, 8, 1), np.uint8)
-  labels = np.arange(4)
-  key = teacher_cache.fingerprint(variables, images, labels, "float16")
-  assert key == teacher_cache.fingerprint(variables, images.copy(), labels, "float16")
-  assert key != teacher_cache.fingerprint(other, images, labels, "float16")
-  assert key != teacher_cache.fingerprint(variables, images + 1, labels, "float16")
-  assert key != teacher_cache.fingerprint(variables, images, labels[::-1], "float16")
-  assert key != teacher_cache.fingerprint(variables, images, labels, "float32")
+  labels = np.arange(4, dtype=np.int32)
+
+  def digest(images, labels):
+    return Dataset(images, labels, images, labels, tuple("abcd")).digest()
+
+  key = teacher_cache.fingerprint(variables, digest(images, labels), "float16")
+  assert key == teacher_cache.fingerprint(variables, digest(images.copy(), labels), "float16")
+  assert key != teacher_cache.fingerprint(other, digest(images, labels), "float16")
+  assert key != teacher_cache.fingerprint(variables, digest(images + 1, labels), "float16")
+  assert key != teacher_cache.fingerprint(variables, digest(images, labels[::-1]), "float16")
+  assert key != teacher_cache.fingerprint(variables, digest(images, labels), "float32")
 
 
 def test_partial_and_misshapen_caches(tmp_path):

@@ -13,9 +13,18 @@ one process's share of each split in a multi-host run.
   download: whether TFDS may download and prepare a missing dataset.
   tfds_data_dir: optional TFDS data directory; unset means the TFDS default
     ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  in_memory: 'true' (decode everything up front), 'false' (stream: see
+    kd_jax/data/stream.py) or 'auto': stream when the decoded images of this
+    process's share would take more than memory_budget_gb.
+
+`open_dataset` opens the same sources for streaming instead: nothing is
+decoded until read.
 """
 
 import dataclasses
+import hashlib
+import json
+from typing import Protocol, Sequence
 
 import numpy as np
 
@@ -56,6 +65,17 @@ class Dataset:
     """(H, W, C) of every image."""
     return tuple(self.train_images.shape[1:])
 
+  @property
+  def split_sizes(self) -> tuple[int, int]:
+    """(training, test) examples held."""
+    return len(self.train_labels), len(self.test_labels)
+
+  def digest(self) -> bytes:
+    """A hash of the training images and labels held (for cache keys)."""
+    digest = hashlib.sha256(np.ascontiguousarray(self.train_images).tobytes())
+    digest.update(np.ascontiguousarray(self.train_labels).tobytes())
+    return digest.digest()
+
   def share(self, process_index: int, process_count: int) -> "Dataset":
     """The even, contiguous share of each split that process `process_index` holds."""
     train = share_of(len(self.train_labels), process_index, process_count)
@@ -68,6 +88,51 @@ class Dataset:
         test_labels=self.test_labels[test],
         train_files=self.train_files[train],
     )
+
+
+class ImageSource(Protocol):
+  """One split of a dataset, read image by image: `source[i]` is (uint8 H x W x C image, label)."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
+
+  def identity(self) -> list:
+    """JSON-able data that names what the split holds (for cache keys)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StreamedDataset:
+  """A dataset opened for streaming: this process's share of each split, decoded when read.
+
+  Attributes:
+    train: the training split's source.
+    test: the test split's source.
+    class_names: the class names, in label order.
+    image_shape: (H, W, C) every image is resized (and augmented) to.
+    train_files: as for `Dataset`.
+  """
+
+  train: ImageSource
+  test: ImageSource
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]
+  train_files: Sequence[str] = ()
+
+  @property
+  def num_classes(self) -> int:
+    """Number of classes."""
+    return len(self.class_names)
+
+  @property
+  def split_sizes(self) -> tuple[int, int]:
+    """(training, test) examples in this process's share."""
+    return len(self.train), len(self.test)
+
+  def digest(self) -> bytes:
+    """A hash of what names the training data and its preprocessing (for cache keys)."""
+    identity = [self.train.identity(), list(self.image_shape)]
+    return hashlib.sha256(json.dumps(identity).encode()).digest()
 
 
 def share_of(count: int, process_index: int, process_count: int) -> slice:
@@ -118,6 +183,87 @@ def load_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
   raise UserInputError(
       f"data.source={source!r} is not a known source: use one of " f'{", ".join(SOURCES)}'
   )
+
+
+def open_dataset(data_config, process_index: int = 0, process_count: int = 1) -> StreamedDataset:
+  """Opens the dataset that `data_config` names for streaming (folder or TFDS sources).
+
+  Lists the files (or opens the TFDS records) of this process's share of
+  each split, decoding only the first training image when data.image_size
+  is 0 and the source does not say its images' size.
+
+  Raises:
+    UserInputError: the config or the data it points at is unusable.
+  """
+  source = data_config.get("source")
+  image_size = _image_size(data_config.get("image_size", 0))
+  if source == "folder":
+    from kd_jax.data import folder  # pylint: disable=g-import-not-at-top
+
+    train, test, class_names = folder.open_splits(
+        data_config.get("dir"), process_index, process_count
+    )
+    shape, train_files = (None, None, 3), train.files
+  elif source == "tfds":
+    from kd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+    train, test, class_names, shape = tfds_source.open_splits(
+        name=data_config.get("name"),
+        train_split=data_config.get("train_split", "train"),
+        test_split=data_config.get("test_split", "test"),
+        download=bool(data_config.get("download", False)),
+        data_dir=data_config.get("tfds_data_dir") or None,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    train_files = ()
+  else:
+    raise UserInputError(
+        f"data.source={source!r} cannot be streamed: use data.source=folder or tfds, "
+        "or data.in_memory=true"
+    )
+  for key, split in (("data.train_split", train), ("data.test_split", test)):
+    if not len(split):
+      raise UserInputError(f"{key} of TFDS dataset {data_config.get('name')!r} has no examples")
+  if image_size:
+    height = width = image_size
+  elif shape[0] is not None:
+    height, width = shape[:2]
+  else:
+    height, width = train[0][0].shape[:2]
+  return StreamedDataset(train, test, class_names, (height, width, shape[-1]), train_files)
+
+
+def streams(data_config, process_count: int = 1) -> bool:
+  """Whether data.in_memory asks to stream (for 'auto': whether the data is too big to hold).
+
+  'auto' compares the decoded size of one process's share of both splits
+  with data.memory_budget_gb; the counts come from the file listing or the
+  TFDS metadata, so nothing is decoded to decide.
+  """
+  choice = str(data_config.get("in_memory", "true")).lower()
+  if choice not in ("true", "false", "auto"):
+    raise UserInputError(f"data.in_memory={choice!r}: use true, false or auto")
+  if choice != "auto" or data_config.get("source") == "digits":
+    return choice == "false"
+  count, image_shape = _size_of(data_config)
+  decoded_gb = count * np.prod(image_shape) / process_count / 2**30
+  return decoded_gb > float(data_config.get("memory_budget_gb", 16))
+
+
+def _size_of(data_config) -> tuple[int, tuple]:
+  """(examples in both splits, image shape) as the listing or metadata tell, decoding at most one image."""
+  if data_config.get("source") == "tfds":
+    from kd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
+
+    return tfds_source.size_of(
+        data_config.get("name"),
+        (data_config.get("train_split", "train"), data_config.get("test_split", "test")),
+        _image_size(data_config.get("image_size", 0)),
+        data_config.get("tfds_data_dir") or None,
+    )
+  dataset = open_dataset(data_config)
+  return len(dataset.train) + len(dataset.test), dataset.image_shape
 
 
 def _image_size(value) -> int:

@@ -1,16 +1,21 @@
-"""On-device augmentation and normalisation of uint8 image batches.
+"""Augmentation and normalisation of uint8 image batches.
 
-These run inside the jitted train step, so the dataset crosses to the device
-once, as uint8, and each step costs no host work. Randomness comes from a key
-the step derives from (seed, step), which makes every run reproducible.
+For data held in memory they run inside the jitted train step, so the dataset
+crosses to the device once, as uint8, and each step costs no host work; a
+streamed pipeline applies the same decisions on the host (`draws_on_host`,
+`Augmentation.apply_host`). Randomness comes from a key derived from
+(seed, step), which makes every run reproducible.
 """
 
+import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.data import resize
 from kd_jax.errors import UserInputError
 
 CROP_PADDING = 4
@@ -44,25 +49,70 @@ def normalize(images_BxHxWxC: jax.Array, mean_C, std_C) -> jax.Array:
   return (images_BxHxWxC.astype(jnp.float32) / 255.0 - mean_C) / std_C
 
 
-def random_crop_flip(
-    key: jax.Array, images_BxHxWxC: jax.Array, padding: int = CROP_PADDING
-) -> jax.Array:
-  """Zero-pads by `padding`, crops back to size at a random offset, flips half.
+def step_key(seed: int, step) -> jax.Array:
+  """The key of a step's augmentation draws: a pure function of (seed, step)."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """A random augmentation whose per-image decisions are drawn once and applied anywhere.
+
+  `draw(key, batch)` gives a batch's decisions as arrays with the batch first;
+  `apply(images, draws)` applies them on the device to a batch of uint8 images;
+  `apply_host(image, draw, size)` applies one image's decisions with OpenCV
+  and NumPy to one decoded image of any size, giving size x size uint8, which
+  is what a streamed pipeline does. Calling it, `augmentation(key, images)`,
+  draws and applies on the device in one go.
+  """
+
+  draw: Callable[[jax.Array, int], dict[str, jax.Array]]
+  apply: Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
+  apply_host: Callable[[np.ndarray, dict[str, np.ndarray], int], np.ndarray]
+
+  def __call__(self, key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
+    return self.apply(images_BxHxWxC, self.draw(key, images_BxHxWxC.shape[0]))
+
+
+def crop_flip_draws(key: jax.Array, batch: int) -> dict[str, jax.Array]:
+  """Per image: a crop offset in 0..2 * CROP_PADDING on each axis, and whether to flip."""
+  crop_key, flip_key = jax.random.split(key)
+  return {
+      "offset_Bx2": jax.random.randint(crop_key, (batch, 2), 0, 2 * CROP_PADDING + 1),
+      "flip_B": jax.random.bernoulli(flip_key, 0.5, (batch,)),
+  }
+
+
+def crop_flip(images_BxHxWxC: jax.Array, draws: dict[str, jax.Array]) -> jax.Array:
+  """Zero-pads by CROP_PADDING, crops back to size at the drawn offsets, flips the drawn images.
 
   The standard CIFAR augmentation (PyTorch's RandomCrop(32, padding=4) followed
-  by RandomHorizontalFlip), one independent draw per image.
+  by RandomHorizontalFlip).
   """
-  batch, height, width, channels = images_BxHxWxC.shape
-  crop_key, flip_key = jax.random.split(key)
-  offsets_Bx2 = jax.random.randint(crop_key, (batch, 2), 0, 2 * padding + 1)
-  flips_B = jax.random.bernoulli(flip_key, 0.5, (batch,))
-  padded = jnp.pad(images_BxHxWxC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+  _, height, width, channels = images_BxHxWxC.shape
+  p = CROP_PADDING
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0)))
 
   def crop_one(image, offset_2, flip):
     crop = jax.lax.dynamic_slice(image, (offset_2[0], offset_2[1], 0), (height, width, channels))
     return jnp.where(flip, crop[:, ::-1], crop)
 
-  return jax.vmap(crop_one)(padded, offsets_Bx2, flips_B)
+  return jax.vmap(crop_one)(padded, draws["offset_Bx2"], draws["flip_B"])
+
+
+def crop_flip_host(image: np.ndarray, draw: dict[str, np.ndarray], size: int) -> np.ndarray:
+  """`crop_flip` of one image, resized to size x size first as in-memory data is."""
+  image = resize.resize_image(image, size, size)
+  p = CROP_PADDING
+  padded = np.pad(image, ((p, p), (p, p), (0, 0)))
+  top, left = draw["offset_Bx2"]
+  crop = padded[top : top + size, left : left + size]
+  return np.ascontiguousarray(crop[:, ::-1] if draw["flip_B"] else crop)
+
+
+def random_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
+  """`crop_flip` with decisions drawn from `key`, one independent draw per image."""
+  return AUGMENTATIONS["crop_flip"](key, images_BxHxWxC)
 
 
 # torchvision's RandomResizedCrop defaults: area fraction and aspect-ratio range.
@@ -70,30 +120,48 @@ RESIZED_CROP_SCALE = (0.08, 1.0)
 RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def random_resized_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
-  """A random area (8-100%) and aspect ratio (3/4-4/3) of each image, resized back, half flipped.
+def resized_crop_draws(key: jax.Array, batch: int) -> dict[str, jax.Array]:
+  """Per image: the crop's area fraction, log aspect ratio, place (0..1 of the slack) and flip.
+
+  Fractions rather than pixels, so the same decisions crop an image of any size.
+  """
+  area_key, ratio_key, y_key, x_key, flip_key = jax.random.split(key, 5)
+  return {
+      "area_B": jax.random.uniform(area_key, (batch,), minval=RESIZED_CROP_SCALE[0], maxval=1.0),
+      "log_ratio_B": jax.random.uniform(
+          ratio_key,
+          (batch,),
+          minval=np.log(RESIZED_CROP_RATIO[0]),
+          maxval=np.log(RESIZED_CROP_RATIO[1]),
+      ),
+      "y_B": jax.random.uniform(y_key, (batch,)),
+      "x_B": jax.random.uniform(x_key, (batch,)),
+      "flip_B": jax.random.bernoulli(flip_key, 0.5, (batch,)),
+  }
+
+
+def _crop_box(xp, height: int, width: int, draws: dict) -> tuple:
+  """(top, left, crop height, crop width) in pixels of `draws` on a height x width image.
+
+  `xp` is numpy or jax.numpy: the host and the device share this arithmetic.
+  A crop that does not fit is clipped to the image (torchvision redraws it),
+  so every draw is one fixed-shape computation.
+  """
+  ratio = xp.exp(draws["log_ratio_B"])
+  crop_h = xp.clip(xp.sqrt(draws["area_B"] * height * width / ratio), 1.0, height)
+  crop_w = xp.clip(xp.sqrt(draws["area_B"] * height * width * ratio), 1.0, width)
+  return draws["y_B"] * (height - crop_h), draws["x_B"] * (width - crop_w), crop_h, crop_w
+
+
+def resized_crop_flip(images_BxHxWxC: jax.Array, draws: dict[str, jax.Array]) -> jax.Array:
+  """The drawn area (8-100%) and aspect ratio (3/4-4/3) of each image, resized back, flipped if drawn.
 
   The standard ImageNet augmentation (torchvision's RandomResizedCrop and
-  RandomHorizontalFlip), one independent draw per image, bilinear with
-  antialiasing. Where torchvision redraws a crop that does not fit, this
-  clips it to the image, so every draw is one fixed-shape computation.
+  RandomHorizontalFlip), bilinear with antialiasing, at sub-pixel precision.
   Returns float32 images on the uint8 scale (0..255).
   """
-  batch, height, width, channels = images_BxHxWxC.shape
-  area_key, ratio_key, y_key, x_key, flip_key = jax.random.split(key, 5)
-  area_B = jax.random.uniform(area_key, (batch,), minval=RESIZED_CROP_SCALE[0], maxval=1.0)
-  log_ratio_B = jax.random.uniform(
-      ratio_key,
-      (batch,),
-      minval=jnp.log(RESIZED_CROP_RATIO[0]),
-      maxval=jnp.log(RESIZED_CROP_RATIO[1]),
-  )
-  ratio_B = jnp.exp(log_ratio_B)
-  crop_h_B = jnp.clip(jnp.sqrt(area_B * height * width / ratio_B), 1.0, height)
-  crop_w_B = jnp.clip(jnp.sqrt(area_B * height * width * ratio_B), 1.0, width)
-  top_B = jax.random.uniform(y_key, (batch,)) * (height - crop_h_B)
-  left_B = jax.random.uniform(x_key, (batch,)) * (width - crop_w_B)
-  flips_B = jax.random.bernoulli(flip_key, 0.5, (batch,))
+  _, height, width, channels = images_BxHxWxC.shape
+  top_B, left_B, crop_h_B, crop_w_B = _crop_box(jnp, height, width, draws)
 
   def crop_one(image, top, left, crop_h, crop_w, flip):
     scale_2 = jnp.stack([height / crop_h, width / crop_w])
@@ -107,18 +175,58 @@ def random_resized_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.A
     )
     return jnp.where(flip, resized[:, ::-1], resized)
 
-  return jax.vmap(crop_one)(images_BxHxWxC, top_B, left_B, crop_h_B, crop_w_B, flips_B)
+  return jax.vmap(crop_one)(images_BxHxWxC, top_B, left_B, crop_h_B, crop_w_B, draws["flip_B"])
+
+
+def resized_crop_flip_host(image: np.ndarray, draw: dict[str, np.ndarray], size: int) -> np.ndarray:
+  """`resized_crop_flip` of one image at its own resolution, to size x size uint8.
+
+  The crop box is the device's, rounded to whole pixels of the original
+  image, and OpenCV resizes it: the same decisions as on the device, but not
+  the same pixels (the device crops the image already resized to size x size).
+  """
+  height, width = image.shape[:2]
+  top, left, crop_h, crop_w = (float(v) for v in _crop_box(np, height, width, draw))
+  crop_h, crop_w = max(1, round(crop_h)), max(1, round(crop_w))
+  top, left = min(round(top), height - crop_h), min(round(left), width - crop_w)
+  crop = resize.resize_image(image[top : top + crop_h, left : left + crop_w], size, size)
+  return np.ascontiguousarray(crop[:, ::-1] if draw["flip_B"] else crop)
+
+
+def random_resized_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
+  """`resized_crop_flip` with decisions drawn from `key`, one independent draw per image."""
+  return AUGMENTATIONS["resized_crop_flip"](key, images_BxHxWxC)
 
 
 AUGMENTATIONS = {
-    "crop_flip": random_crop_flip,
-    "resized_crop_flip": random_resized_crop_flip,
-    "none": lambda key, images: images,
+    "crop_flip": Augmentation(crop_flip_draws, crop_flip, crop_flip_host),
+    "resized_crop_flip": Augmentation(resized_crop_draws, resized_crop_flip, resized_crop_flip_host),
+    "none": Augmentation(
+        lambda key, batch: {},
+        lambda images, draws: images,
+        lambda image, draw, size: resize.resize_image(image, size, size),
+    ),
 }
 
 
-def get_augmentation(kind: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The augmentation named by config.data.augment, as f(key, images) -> images."""
+def get_augmentation(kind: str) -> Augmentation:
+  """The augmentation named by config.data.augment."""
   if kind not in AUGMENTATIONS:
     raise UserInputError(f"unknown data.augment {kind!r}; use one of {', '.join(AUGMENTATIONS)}")
   return AUGMENTATIONS[kind]
+
+
+@functools.cache
+def _draw_on_cpu(kind: str, seed: int, batch: int) -> Callable:
+  return jax.jit(lambda step: AUGMENTATIONS[kind].draw(step_key(seed, step), batch))
+
+
+def draws_on_host(kind: str, seed: int, step: int, batch: int) -> dict[str, np.ndarray]:
+  """The decisions the device would draw for `step`, computed on the CPU, as NumPy arrays.
+
+  JAX's random bits do not depend on the backend, so a streamed pipeline
+  that applies them on the host makes the same decisions as the in-memory
+  path makes inside its train step.
+  """
+  step = jax.device_put(np.int32(step), jax.devices("cpu")[0])
+  return jax.device_get(_draw_on_cpu(kind, seed, batch)(step))

@@ -47,14 +47,7 @@ def load(
   Raises:
     UserInputError: the tree is missing, malformed or has too many bad files.
   """
-  if not root:
-    raise UserInputError(
-        "data.dir is not set: point it at a folder holding train/<class>/ and "
-        "test/<class>/ images"
-    )
-  root = os.path.expanduser(root)
-  if not os.path.isdir(root):
-    raise UserInputError(f"data.dir {root} does not exist or is not a folder")
+  root = _checked_root(root)
   class_names = _class_names(root)
   splits = {}
   for split in SPLITS:
@@ -75,6 +68,63 @@ def load(
       class_names=class_names,
       train_files=tuple(train_files),
   )
+
+
+def _checked_root(root: str | None) -> str:
+  """data.dir, with ~ expanded, once it is known to be a folder."""
+  if not root:
+    raise UserInputError(
+        "data.dir is not set: point it at a folder holding train/<class>/ and "
+        "test/<class>/ images"
+    )
+  root = os.path.expanduser(root)
+  if not os.path.isdir(root):
+    raise UserInputError(f"data.dir {root} does not exist or is not a folder")
+  return root
+
+
+class FolderImages:
+  """One split's images in an image-folder tree, decoded when read (random access).
+
+  `images[i]` is (RGB uint8 image at its own size, label) of the i-th file.
+  """
+
+  def __init__(self, root: str, files: list[str], labels: list[int]):
+    self.root, self.files, self.labels = root, tuple(files), np.asarray(labels, np.int32)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    path = os.path.join(self.root, self.files[index])
+    image = cv2.imread(path, cv2.IMREAD_COLOR_RGB)
+    if image is None:
+      raise UserInputError(
+          f"OpenCV cannot decode {path}: fix or remove it, then rerun (training resumes "
+          "from its last checkpoint)"
+      )
+    return image, int(self.labels[index])
+
+  def identity(self) -> list:
+    """What names this split's data: its files and labels."""
+    return [self.root, list(self.files), self.labels.tolist()]
+
+
+def open_splits(
+    root: str | None, process_index: int = 0, process_count: int = 1
+) -> tuple[FolderImages, FolderImages, tuple[str, ...]]:
+  """This process's share of each split, to be read image by image: (train, test, class names).
+
+  Nothing is decoded: a streamed pipeline reads the images as it needs them.
+  """
+  root = _checked_root(root)
+  class_names = _class_names(root)
+  splits = []
+  for split in SPLITS:
+    files, labels = _list_files(root, split, class_names)
+    share = share_of(len(files), process_index, process_count)
+    splits.append(FolderImages(root, files[share], labels[share]))
+  return splits[0], splits[1], class_names
 
 
 def _class_names(root: str) -> tuple[str, ...]:

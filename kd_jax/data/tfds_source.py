@@ -1,4 +1,5 @@
-"""TFDS source: any TFDS image-classification dataset, read whole into numpy.
+"""TFDS source: any TFDS image-classification dataset, read whole into numpy or
+opened for random access (streaming).
 
 Data already prepared in the TFDS data directory is read without touching the
 network. Only when it is missing, and data.download allows it, is the dataset
@@ -9,6 +10,7 @@ offline, TFDS itself retries for minutes before failing.
 import socket
 import threading
 
+import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -73,23 +75,8 @@ def load(
     UserInputError: unknown name or split, unsuitable dataset, or missing data
       that cannot be fetched.
   """
-  if not name:
-    raise UserInputError("data.name is not set: give a TFDS dataset name such as cifar10")
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except (ValueError, AssertionError) as e:
-    raise UserInputError(
-        f"data.name: TFDS cannot load dataset {name!r} ({_first_line(e)}); see "
-        "https://www.tensorflow.org/datasets/catalog"
-    ) from None
-  splits = {"data.train_split": train_split, "data.test_split": test_split}
-  if process_count > 1:
-    splits = {
-        key: tfds.split_for_jax_process(
-            split, process_index=process_index, process_count=process_count
-        )
-        for key, split in splits.items()
-    }
+  builder = _builder(name, data_dir)
+  splits = _process_splits(train_split, test_split, process_index, process_count)
   try:
     datasets = _as_datasets(builder, name, splits)
   except AssertionError:
@@ -112,14 +99,140 @@ def load(
   )
 
 
-def _as_datasets(builder, name, splits):
-  """Maps each config key to its split's (image, label) tf.data.Dataset."""
+class TfdsImages:
+  """One split of a TFDS dataset prepared as ArrayRecord, read record by record.
+
+  `images[i]` is (uint8 image at its own size, label); the image is decoded
+  with OpenCV, as image folders are.
+  """
+
+  def __init__(self, source, name: str, split: str, image_key: str, label_key: str, channels: int):
+    self._source, self._name, self._split = source, name, split
+    self._image_key, self._label_key, self._channels = image_key, label_key, channels
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    record = self._source[index]
+    flag = cv2.IMREAD_COLOR_RGB if self._channels == 3 else cv2.IMREAD_GRAYSCALE
+    image = cv2.imdecode(np.frombuffer(record[self._image_key], np.uint8), flag)
+    if image is None:
+      raise UserInputError(
+          f"OpenCV cannot decode record {index} of {self._split} of TFDS dataset {self._name!r}"
+      )
+    return image.reshape(*image.shape[:2], self._channels), int(record[self._label_key])
+
+  def identity(self) -> list:
+    """What names this split's data: dataset, version, split and size."""
+    return [self._name, str(self._source.dataset_info.version), self._split, len(self)]
+
+
+def open_splits(
+    name: str | None,
+    train_split: str,
+    test_split: str,
+    download: bool,
+    data_dir: str | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tuple[TfdsImages, TfdsImages, tuple[str, ...], tuple]:
+  """This process's share of each split, read record by record: (train, test, class names, image shape).
+
+  Streaming needs random access, so the dataset must be prepared in the
+  ArrayRecord format; the image shape has None for sizes that vary.
+  """
+  builder = _builder(name, data_dir)
+  splits = _process_splits(train_split, test_split, process_index, process_count)
+  keys = _supervised_keys(builder, name)
+  try:
+    opened = _as_sources(builder, name, splits, keys)
+  except (AssertionError, FileNotFoundError):
+    if builder.is_prepared():
+      raise
+    _download_and_prepare(builder, name, download, data_dir)
+    opened = _as_sources(builder, name, splits, keys)
+  image_shape = tuple(builder.info.features[keys[0]].shape)
+  class_names = tuple(builder.info.features[keys[1]].names)
+  return opened["data.train_split"], opened["data.test_split"], class_names, image_shape
+
+
+def size_of(name: str | None, splits, image_size: int, data_dir: str | None) -> tuple[int, tuple]:
+  """(examples in `splits`, image shape) from the dataset's metadata; 0 examples if it has none."""
+  builder = _builder(name, data_dir)
+  keys = _supervised_keys(builder, name)
+  try:
+    count = sum(builder.info.splits[split].num_examples for split in splits)
+  except KeyError:  # not prepared yet (or mocked): nothing to measure
+    count = 0
+  shape = builder.info.features[keys[0]].shape
+  if image_size:
+    shape = (image_size, image_size, shape[-1])
+  return count, tuple(s or 0 for s in shape)
+
+
+def _as_sources(builder, name, splits, keys) -> dict[str, TfdsImages]:
+  """Maps each config key to its split opened for random access."""
+  channels = builder.info.features[keys[0]].shape[-1]
+  opened = {}
+  for key, split in splits.items():
+    try:
+      source = builder.as_data_source(split, decoders={keys[0]: tfds.decode.SkipDecoding()})
+    except NotImplementedError:
+      raise UserInputError(
+          f"TFDS dataset {name!r} in {builder.data_dir} is stored as "
+          f"{builder.info.file_format}, which cannot be read image by image: prepare it "
+          f"with `tfds build {name} --file_format=array_record`, use an image folder, or "
+          "set data.in_memory=true"
+      ) from None
+    except ValueError as e:
+      raise UserInputError(
+          f"{key}={split!r} is not a split of TFDS dataset {name!r}: {_first_line(e)}"
+      ) from None
+    opened[key] = TfdsImages(source, name, split, *keys, channels)
+  return opened
+
+
+def _builder(name: str | None, data_dir: str | None):
+  """The TFDS builder of data.name, or a clear error."""
+  if not name:
+    raise UserInputError("data.name is not set: give a TFDS dataset name such as cifar10")
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except (ValueError, AssertionError) as e:
+    raise UserInputError(
+        f"data.name: TFDS cannot load dataset {name!r} ({_first_line(e)}); see "
+        "https://www.tensorflow.org/datasets/catalog"
+    ) from None
+
+
+def _process_splits(train_split, test_split, process_index, process_count) -> dict[str, str]:
+  """Each config key's split, narrowed to this process's part in a multi-host run."""
+  splits = {"data.train_split": train_split, "data.test_split": test_split}
+  if process_count == 1:
+    return splits
+  return {
+      key: tfds.split_for_jax_process(
+          split, process_index=process_index, process_count=process_count
+      )
+      for key, split in splits.items()
+  }
+
+
+def _supervised_keys(builder, name) -> tuple[str, str]:
+  """The (image, label) feature names, checking the dataset classifies images."""
   keys = builder.info.supervised_keys
   if not keys or not isinstance(builder.info.features[keys[1]], tfds.features.ClassLabel):
     raise UserInputError(
         f"data.name: TFDS dataset {name!r} is not an image-classification "
         "dataset (no image/class-label supervised keys)"
     )
+  return keys
+
+
+def _as_datasets(builder, name, splits):
+  """Maps each config key to its split's (image, label) tf.data.Dataset."""
+  keys = _supervised_keys(builder, name)
   datasets = {}
   for key, split in splits.items():
     try:

@@ -1,0 +1,232 @@
+"""Streamed data: images read, decoded and augmented on the host while the devices train.
+
+For datasets larger than memory (data.in_memory=false, or 'auto' over the
+budget). A grain pipeline maps each step to its batch: the step's examples
+are decoded with OpenCV by a pool of threads (OpenCV releases the GIL), the
+step's augmentation decisions applied on the host, and the batch sent to the
+devices, with `data.prefetch` batches in flight there, so the devices never
+wait on the host while it keeps up.
+
+The same data in the same order as in memory: each step's examples are
+`train.epoch_indices(seed, epoch)` and its augmentation decisions are those
+the in-memory train step draws from (seed, step) (`augment.draws_on_host`),
+so on one process a streamed run sees what an in-memory run sees. For
+crop_flip and none the pixels are equal too; resized_crop_flip crops the
+full-resolution image here and the already resized one in memory (the same
+boxes, different pixels). With several processes each one streams only its
+own share, shuffled on its own: their global batches differ from an
+in-memory run's, which mixes all shares.
+
+A batch is a pure function of (seed, step), so the stream's position is the
+train step that the checkpoint already holds: a resumed run starts the
+stream at its step and goes on exactly as if never stopped.
+"""
+
+import os
+from typing import Callable, Iterator
+
+import grain
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from kd_jax import parallel
+from kd_jax.data import StreamedDataset, resize
+from kd_jax.data import augment as augment_lib
+from kd_jax.errors import UserInputError
+from kd_jax.network import Variables
+from kd_jax.train import RowLayout, epoch_indices
+
+
+def stream_order(
+    seed: int, epoch: int, counts_P: np.ndarray, process: int, batch_size: int
+) -> np.ndarray:
+  """This process's examples of each step of `epoch`, steps x (batch_size / processes), by local index.
+
+  One process: `train.epoch_indices`, the in-memory order. Several: each
+  shuffles its own share, with as many steps as the smallest share allows.
+  """
+  if len(counts_P) == 1:
+    return epoch_indices(seed, epoch, int(counts_P[0]), batch_size)
+  local_batch = batch_size // len(counts_P)
+  steps = int(counts_P.min()) // local_batch
+  order = np.random.default_rng([seed, epoch, process]).permutation(int(counts_P[process]))
+  return order[: steps * local_batch].reshape(steps, local_batch).astype(np.int32)
+
+
+class StreamedData:
+  """The training and test splits streamed from their sources, in the interface of `train.DeviceData`.
+
+  Normalisation statistics come from the pixel histograms of up to
+  data.stats_images training images spread evenly over the split (all of
+  them, and so the in-memory statistics exactly, for smaller splits).
+  """
+
+  def __init__(self, dataset: StreamedDataset, mesh, data_config):
+    self._dataset, self._mesh = dataset, mesh
+    self._augment = data_config.augment
+    augment_lib.get_augmentation(self._augment)  # a clear error for an unknown name, now
+    self._threads = int(data_config.get("workers", 0)) or os.cpu_count() or 1
+    self._prefetch = int(data_config.get("prefetch", 2))
+    if self._prefetch < 1:
+      raise UserInputError(f"data.prefetch={self._prefetch} must be at least 1")
+    counts_Px2 = parallel.allgather(
+        np.array([[len(dataset.train), len(dataset.test)]], np.int64)
+    )
+    self._train_counts, self._test_counts = counts_Px2[:, 0], counts_Px2[:, 1]
+    self.train_layout, self.test_layout = RowLayout(self._train_counts), RowLayout(
+        self._test_counts
+    )
+    self.num_classes = dataset.num_classes
+    self.image_shape = dataset.image_shape
+    self.mean_C, self.std_C = self._normalization_stats(int(data_config.get("stats_images", 50000)))
+
+  @property
+  def num_train(self) -> int:
+    """Training examples over all processes."""
+    return int(self._train_counts.sum())
+
+  def steps_per_epoch(self, batch_size: int) -> int:
+    """Steps of one epoch at the global `batch_size`."""
+    return len(stream_order(0, 0, self._train_counts, jax.process_index(), batch_size))
+
+  def step_augmentation(self, kind: str) -> augment_lib.Augmentation:
+    """What the train step still has to do to a batch: nothing, the host augmented it."""
+    del kind
+    return augment_lib.AUGMENTATIONS["none"]
+
+  def put_per_example(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This process's rows of per-example arrays given for every example (one-process order)."""
+    first = int(self._train_counts[: jax.process_index()].sum())
+    return {name: a[first : first + len(self._dataset.train)] for name, a in stored.items()}
+
+  def train_batches(
+      self, seed: int, epoch: int, start: int, batch_size: int, per_example: dict | None = None
+  ) -> Iterator[dict]:
+    """The global batches of steps `start`.. of `epoch`: "image", "label" and any `per_example` rows."""
+    process, processes = jax.process_index(), jax.process_count()
+    order_SxB = stream_order(seed, epoch, self._train_counts, process, batch_size)
+    steps, local_batch = order_SxB.shape
+    augmentation = augment_lib.get_augmentation(self._augment)
+    height = self.image_shape[0]
+
+    def make_batch(position: int) -> dict:
+      indices_B = order_SxB[position]
+      draws = augment_lib.draws_on_host(
+          self._augment, seed, epoch * steps + position, local_batch * processes
+      )
+      mine = slice(process * local_batch, (process + 1) * local_batch)
+      draws = {name: d[mine] for name, d in draws.items()}
+      images, labels = [], []
+      for j, index in enumerate(indices_B):
+        image, label = self._dataset.train[int(index)]
+        images.append(
+            augmentation.apply_host(image, {name: d[j] for name, d in draws.items()}, height)
+        )
+        labels.append(label)
+      batch = {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+      if per_example:
+        batch["teacher_logits"] = {name: a[indices_B] for name, a in per_example.items()}
+      return batch
+
+    return self._stream(range(start, steps), make_batch, ("image", "label", "teacher_logits"))
+
+  def predict(
+      self, forward: Callable, variables: Variables, split: str, batch_size: int
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, labels) of every example of `split` ('train' or 'test'), unaugmented, in one-process order.
+
+    The last batches are padded with the share's first image, and the padding
+    dropped, so each example counts once and nothing recompiles.
+    """
+    source = self._dataset.train if split == "train" else self._dataset.test
+    counts_P = self._train_counts if split == "train" else self._test_counts
+    layout = self.train_layout if split == "train" else self.test_layout
+    local_batch = batch_size // len(counts_P)
+    num_batches = -(-int(counts_P.max()) // local_batch)
+    height, width = self.image_shape[:2]
+
+    def make_batch(k: int) -> dict:
+      indices = np.arange(k * local_batch, (k + 1) * local_batch)
+      examples = [source[int(i)] if i < len(source) else source[0] for i in indices]
+      return {
+          "image": np.stack([resize.resize_image(image, height, width) for image, _ in examples]),
+          "label": np.asarray([label for _, label in examples], np.int32),
+      }
+
+    outputs, labels = [], []
+    for batch in self._stream(range(num_batches), make_batch, ("image",)):
+      outputs.append(forward(variables, batch["image"]))
+      labels.append(batch["label"])
+    logits_PxNxC = (
+        np.concatenate(jax.device_get(outputs))
+        .reshape(num_batches, len(counts_P), local_batch, -1)
+        .swapaxes(0, 1)
+        .reshape(len(counts_P), num_batches * local_batch, -1)
+    )
+    logits = np.concatenate([logits_PxNxC[p, :count] for p, count in enumerate(counts_P)])
+    labels = layout.gather_all(np.concatenate(labels)[: len(source)])[layout.rows]
+    return logits, labels
+
+  def _stream(self, positions: range, make_batch: Callable, on_device: tuple) -> Iterator[dict]:
+    """make_batch(position) for each position, made by the thread pool, in order, sent ahead to the devices.
+
+    The keys in `on_device` become global arrays split over the mesh; other
+    keys stay this process's NumPy arrays.
+    """
+    sharding = parallel.batch_sharding(self._mesh)
+
+    def to_devices(batch: dict) -> dict:
+      return {
+          name: jax.tree.map(
+              lambda a: jax.make_array_from_process_local_data(
+                  sharding, a, (a.shape[0] * jax.process_count(), *a.shape[1:])
+              ),
+              value,
+          )
+          if name in on_device
+          else value
+          for name, value in batch.items()
+      }
+
+    batches = (
+        grain.MapDataset.source(positions)
+        .map(make_batch)
+        .to_iter_dataset(
+            grain.ReadOptions(num_threads=self._threads, prefetch_buffer_size=self._threads)
+        )
+        .map(to_devices)
+    )
+    return iter(
+        grain.experimental.ThreadPrefetchIterDataset(batches, prefetch_buffer_size=self._prefetch)
+    )
+
+  def _normalization_stats(self, stats_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std from pixel histograms of an even sample of the training images."""
+    train = self._dataset.train
+    wanted = -(-stats_images * len(train) // max(self.num_train, 1))
+    indices = np.unique(np.linspace(0, len(train) - 1, min(len(train), wanted)).astype(np.int64))
+    chunks = np.array_split(indices, -(-len(indices) // 256))
+    height, width = self.image_shape[:2]
+
+    def histograms(chunk: int) -> np.ndarray:
+      images = [resize.resize_image(train[int(i)][0], height, width) for i in chunks[chunk]]
+      return augment_lib.pixel_histograms(np.stack(images))
+
+    total = 0
+    sums = (
+        grain.MapDataset.range(len(chunks))
+        .map(histograms)
+        .to_iter_dataset(grain.ReadOptions(num_threads=self._threads, prefetch_buffer_size=8))
+    )
+    with tqdm(
+        total=len(indices),
+        desc="normalisation statistics",
+        leave=False,
+        disable=None if jax.process_index() == 0 else True,
+    ) as progress:
+      for k, counts in enumerate(sums):
+        total = total + counts
+        progress.update(len(chunks[k]))
+    all_processes = parallel.allgather(np.asarray(total)[None]).sum(axis=0)
+    return augment_lib.normalization_stats(all_processes)
