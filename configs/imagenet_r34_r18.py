@@ -11,7 +11,11 @@ Pre-trained teachers cannot be downloaded here, so the teacher trains first
 with torchvision's ResNet recipe (lr 0.1 at batch 256, 90 epochs, x0.1 at
 30/60). TFDS's imagenet2012 needs the ImageNet tar files placed by hand in
 its manual download folder; an image folder works too (data.source=folder).
-Data: images resized to 224, random resized crops and flips on the device.
+Data: streamed (data.in_memory auto: 1.28M images decoded at 224 x 224 take
+about 190 GB), which needs TFDS's imagenet2012 prepared as ArrayRecord
+(`tfds build imagenet2012 --file_format=array_record`) or an image folder;
+random resized crops of the full-resolution images and flips on the host, 224
+x 224 images (resized, not centre-cropped) for evaluation.
 """
 
 from configs import default

@@ -70,9 +70,7 @@ class StreamedData:
     self._prefetch = int(data_config.get("prefetch", 2))
     if self._prefetch < 1:
       raise UserInputError(f"data.prefetch={self._prefetch} must be at least 1")
-    counts_Px2 = parallel.allgather(
-        np.array([[len(dataset.train), len(dataset.test)]], np.int64)
-    )
+    counts_Px2 = parallel.allgather(np.array([[len(dataset.train), len(dataset.test)]], np.int64))
     self._train_counts, self._test_counts = counts_Px2[:, 0], counts_Px2[:, 1]
     self.train_layout, self.test_layout = RowLayout(self._train_counts), RowLayout(
         self._test_counts

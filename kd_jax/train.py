@@ -140,7 +140,9 @@ class DeviceData:
       labels = np.asarray(jax.device_get(self.train_labels))[layout.rows]
     else:
       images, layout, labels = self.test_images, self.test_layout, self.test_labels
-    logits = evaluate.predict_logits(forward, variables, images, layout.rows, batch_size, self.gather)
+    logits = evaluate.predict_logits(
+        forward, variables, images, layout.rows, batch_size, self.gather
+    )
     return logits, labels
 
 

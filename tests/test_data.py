@@ -315,3 +315,18 @@ def test_process_shares_split_every_source_evenly_and_in_order(source, tiny_data
           getattr(whole, f"{split}_{field}"),
       )
   assert shares[0].train_files + shares[1].train_files == whole.train_files
+
+
+def test_tfds_stored_as_tfrecord_cannot_stream(tiny_data_dir):
+  with pytest.raises(
+      UserInputError, match="cannot be read image by image.*--file_format=array_record"
+  ):
+    data.open_dataset(_tfds_config(name="tiny_shapes", tfds_data_dir=tiny_data_dir))
+
+
+def test_tfds_mock_streams_record_by_record():
+  with tfds.testing.mock_data(num_examples=6):
+    ds = data.open_dataset(_tfds_config(image_size=16))
+    image, label = ds.train[2]
+  assert ds.split_sizes == (6, 6) and ds.image_shape == (16, 16, 3)
+  assert image.shape == (32, 32, 3) and image.dtype == np.uint8 and 0 <= label < 10

@@ -93,9 +93,11 @@ class Dataset:
 class ImageSource(Protocol):
   """One split of a dataset, read image by image: `source[i]` is (uint8 H x W x C image, label)."""
 
-  def __len__(self) -> int: ...
+  def __len__(self) -> int:
+    ...
 
-  def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
+  def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+    ...
 
   def identity(self) -> list:
     """JSON-able data that names what the split holds (for cache keys)."""

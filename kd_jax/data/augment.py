@@ -200,7 +200,9 @@ def random_resized_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.A
 
 AUGMENTATIONS = {
     "crop_flip": Augmentation(crop_flip_draws, crop_flip, crop_flip_host),
-    "resized_crop_flip": Augmentation(resized_crop_draws, resized_crop_flip, resized_crop_flip_host),
+    "resized_crop_flip": Augmentation(
+        resized_crop_draws, resized_crop_flip, resized_crop_flip_host
+    ),
     "none": Augmentation(
         lambda key, batch: {},
         lambda images, draws: images,

@@ -1,0 +1,189 @@
+"""Streamed data: the same batches as in memory, end to end, resumable mid-epoch."""
+
+import json
+import logging
+import os
+import shutil
+
+import cv2
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from conftest import small_config
+from kd_jax import data, parallel, pipeline, streaming, train
+from kd_jax.data import augment
+from kd_jax.errors import UserInputError
+
+SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def smooth_tree(tmp_path_factory):
+  """3 classes x 12 training and 4 test images: smooth colour ramps, some 11 x 13.
+
+  Smooth, so that interpolations of one crop box agree to a few levels.
+  """
+  root = tmp_path_factory.mktemp("smooth")
+  rng = np.random.default_rng(0)
+  for split, count in (("train", 12), ("test", 4)):
+    for label in range(3):
+      os.makedirs(root / split / f"class{label}")
+      for i in range(count):
+        height, width = (11, 13) if i % 4 == 3 else (SIZE, SIZE)
+        y, x = np.mgrid[0:height, 0:width] / max(height, width)
+        slope = rng.uniform(50, 200, 3)
+        image = np.stack([slope[0] * x, slope[1] * y, 60 * label + slope[2] * (x + y) / 2], -1)
+        cv2.imwrite(str(root / split / f"class{label}" / f"{i:02d}.png"), image.astype(np.uint8))
+  return root
+
+
+def _data_config(root, **fields):
+  return ml_collections.ConfigDict(
+      {
+          "source": "folder",
+          "dir": str(root),
+          "image_size": SIZE,
+          "augment": "crop_flip",
+          "in_memory": "false",
+          "workers": 2,
+          "prefetch": 2,
+          "stats_images": 1000,
+          **fields,
+      }
+  )
+
+
+@pytest.mark.parametrize("kind", ["crop_flip", "resized_crop_flip"])
+def test_streamed_batches_are_the_in_memory_batches(smooth_tree, kind):
+  config = _data_config(smooth_tree, augment=kind)
+  mesh = parallel.make_mesh()
+  in_memory = train.put_on_device(data.load_dataset(config), mesh)
+  streamed = streaming.StreamedData(data.open_dataset(config), mesh, config)
+  # Every image sampled: the statistics are the in-memory ones, to the bit.
+  np.testing.assert_array_equal(streamed.mean_C, in_memory.mean_C)
+  np.testing.assert_array_equal(streamed.std_C, in_memory.std_C)
+  seed, batch_size = 3, 8
+  steps = in_memory.steps_per_epoch(batch_size)
+  assert streamed.steps_per_epoch(batch_size) == steps == 36 // batch_size
+  on_device = in_memory.step_augmentation(kind)
+  for epoch, start in ((0, 0), (1, 2)):  # a whole epoch, and one entered mid-way
+    pairs = zip(
+        in_memory.train_batches(seed, epoch, start, batch_size),
+        streamed.train_batches(seed, epoch, start, batch_size),
+        strict=True,
+    )
+    for position, (held, read) in enumerate(pairs, start):
+      np.testing.assert_array_equal(read["label"], held["label"])
+      # The in-memory step augments on the device; the stream did it on the host.
+      expected = np.asarray(
+          on_device(augment.step_key(seed, epoch * steps + position), held["image"])
+      )
+      got = np.asarray(streamed.step_augmentation(kind)(None, read["image"]))
+      if kind == "crop_flip":
+        np.testing.assert_array_equal(got, expected)
+      else:
+        # Same boxes and flips; the host crops the full-size image with OpenCV.
+        assert np.abs(got - expected).mean() < 6, position
+        flipped = np.sign(got[:, 0, -1, 0] - got[:, 0, 0, 0].astype(float))
+        assert (flipped == np.sign(expected[:, 0, -1, 0] - expected[:, 0, 0, 0])).mean() > 0.7
+
+  forward = jax.jit(lambda variables, x: x.reshape(x.shape[0], -1).astype(jnp.float32))
+  for split in ("train", "test"):
+    held_logits, held_labels = in_memory.predict(forward, None, split, 16)
+    read_logits, read_labels = streamed.predict(forward, None, split, 16)
+    np.testing.assert_array_equal(read_labels, held_labels)
+    np.testing.assert_array_equal(read_logits, held_logits)
+
+
+def test_stream_order_splits_processes_and_matches_one_process():
+  np.testing.assert_array_equal(
+      streaming.stream_order(5, 2, np.array([50]), 0, 8), train.epoch_indices(5, 2, 50, 8)
+  )
+  counts = np.array([13, 12, 12])
+  parts = [streaming.stream_order(5, 2, counts, p, 6) for p in range(3)]
+  assert all(part.shape == (6, 2) for part in parts)  # 12 // 2 steps of 2 per process
+  for p, part in enumerate(parts):
+    assert len(set(part.ravel())) == part.size and part.max() < counts[p]
+  assert not np.array_equal(parts[1], parts[2])  # each shuffles on its own
+
+
+def _run_config(root, in_memory, **overrides):
+  return small_config(
+      **{
+          "data.source": "folder",
+          "data.dir": str(root),
+          "data.image_size": SIZE,
+          "data.augment": "crop_flip",
+          "data.in_memory": in_memory,
+          "teacher.epochs": 1,
+          "student.epochs": 2,
+          "teacher.batch_size": 8,
+          "student.batch_size": 8,
+          "eval.batch_size": 8,
+          "baseline.enabled": False,
+          "checkpoint.every_steps": 2,
+          "checkpoint.keep": 100,
+          **overrides,
+      }
+  )
+
+
+def _history(workdir, stage):
+  with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(smooth_tree, tmp_path, caplog):
+  held = pipeline.train_and_evaluate(_run_config(smooth_tree, "true"), str(tmp_path / "m"))
+  # The streamed run distils the same teacher (restored, to save its training).
+  teacher = {"teacher.checkpoint": str(tmp_path / "m" / "teacher")}
+  streamed_config = _run_config(smooth_tree, "false", **teacher)
+  streamed = pipeline.train_and_evaluate(streamed_config, str(tmp_path / "s"))
+  assert streamed["student"]["top1"] == held["student"]["top1"]
+  pairs = zip(_history(tmp_path / "s", "student"), _history(tmp_path / "m", "student"), strict=True)
+  for a, b in pairs:
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+  # Interrupted after step 6 of the student's 8 (mid-way through its second
+  # epoch): only the checkpoints up to there remain. The rerun resumes there.
+  resumed = tmp_path / "r"
+  shutil.copytree(tmp_path / "s", resumed)
+  folder = resumed / "student" / "checkpoints"
+  for name in os.listdir(folder):
+    if name.isdigit() and int(name) > 6:
+      shutil.rmtree(folder / name)
+  os.remove(resumed / "report.json")
+  caplog.set_level(logging.INFO)
+  again = pipeline.train_and_evaluate(streamed_config, str(resumed))
+  assert "student: resuming at step 6 " in caplog.text
+  assert again["student"]["top1"] == streamed["student"]["top1"]
+  assert _history(resumed, "student")[-1]["loss"] == _history(tmp_path / "s", "student")[-1]["loss"]
+
+
+def test_a_corrupt_image_in_a_stream_is_named(smooth_tree, tmp_path):
+  root = tmp_path / "tree"
+  shutil.copytree(smooth_tree, root)
+  (root / "train" / "class1" / "05.png").write_bytes(b"not a png")
+  config = _data_config(root)
+  streamed = streaming.StreamedData(
+      data.open_dataset(config), parallel.make_mesh(), _data_config(root, stats_images=1)
+  )
+  with pytest.raises(UserInputError, match=r"cannot decode .*class1/05\.png: fix or remove it"):
+    for _ in streamed.train_batches(0, 0, 0, 36):
+      pass
+
+
+def test_in_memory_choice(smooth_tree):
+  assert data.streams(_data_config(smooth_tree, in_memory="false"))
+  assert not data.streams(_data_config(smooth_tree, in_memory=True))
+  # 36 + 12 images of 8 x 8 x 3 bytes: 9 KiB.
+  assert data.streams(_data_config(smooth_tree, in_memory="auto", memory_budget_gb=8e-6))
+  assert not data.streams(_data_config(smooth_tree, in_memory="auto", memory_budget_gb=1e-5))
+  assert not data.streams(ml_collections.ConfigDict({"source": "digits", "in_memory": "auto"}))
+  with pytest.raises(UserInputError, match="data.in_memory='sometimes': use true, false or auto"):
+    data.streams(_data_config(smooth_tree, in_memory="sometimes"))
+  with pytest.raises(UserInputError, match="data.source='digits' cannot be streamed"):
+    data.open_dataset(ml_collections.ConfigDict({"source": "digits"}))
