@@ -232,7 +232,7 @@ def _supervised_keys(builder, name) -> tuple[str, str]:
 
 def _as_datasets(builder, name, splits):
   """Maps each config key to its split's (image, label) tf.data.Dataset."""
-  keys = _supervised_keys(builder, name)
+  _supervised_keys(builder, name)  # a clear error for datasets that are not image classification
   datasets = {}
   for key, split in splits.items():
     try:
