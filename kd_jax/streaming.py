@@ -85,8 +85,9 @@ class StreamedData:
     return int(self._train_counts.sum())
 
   def steps_per_epoch(self, batch_size: int) -> int:
-    """Steps of one epoch at the global `batch_size`."""
-    return len(stream_order(0, 0, self._train_counts, jax.process_index(), batch_size))
+    """Steps of one epoch at the global `batch_size` (as `stream_order` makes them)."""
+    processes = len(self._train_counts)
+    return int(self._train_counts.min()) // (batch_size // processes)
 
   def step_augmentation(self, kind: str) -> augment_lib.Augmentation:
     """What the train step still has to do to a batch: nothing, the host augmented it."""

@@ -1,7 +1,6 @@
 """Streamed data: the same batches as in memory, end to end, resumable mid-epoch."""
 
 import json
-import logging
 import os
 import shutil
 
@@ -136,7 +135,7 @@ def _history(workdir, stage):
     return [json.loads(line) for line in f]
 
 
-def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(smooth_tree, tmp_path, caplog):
+def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(smooth_tree, tmp_path):
   held = pipeline.train_and_evaluate(_run_config(smooth_tree, "true"), str(tmp_path / "m"))
   # The streamed run distils the same teacher (restored, to save its training).
   teacher = {"teacher.checkpoint": str(tmp_path / "m" / "teacher")}
@@ -148,42 +147,23 @@ def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(smooth_tree, tm
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
   # Interrupted after step 6 of the student's 8 (mid-way through its second
-  # epoch): only the checkpoints up to there remain. The rerun resumes there.
+  # epoch): only what was written up to there remains. The rerun resumes there.
   resumed = tmp_path / "r"
   shutil.copytree(tmp_path / "s", resumed)
   folder = resumed / "student" / "checkpoints"
   for name in os.listdir(folder):
     if name.isdigit() and int(name) > 6:
       shutil.rmtree(folder / name)
+  first_epoch = _history(resumed, "student")[:1]
+  with open(resumed / "student" / "metrics.jsonl", "w") as f:
+    f.write(json.dumps(first_epoch[0]) + "\n")
   os.remove(resumed / "report.json")
-  caplog.set_level(logging.INFO)
   again = pipeline.train_and_evaluate(streamed_config, str(resumed))
-  assert "student: resuming at step 6 " in caplog.text
   assert again["student"]["top1"] == streamed["student"]["top1"]
-  assert _history(resumed, "student")[-1]["loss"] == _history(tmp_path / "s", "student")[-1]["loss"]
+  # One epoch added (a restart from scratch would have added two), as before.
+  def without_times(history):
+    return [{k: v for k, v in epoch.items() if k != "epoch_time_s"} for epoch in history]
 
-
-def test_a_corrupt_image_in_a_stream_is_named(smooth_tree, tmp_path):
-  root = tmp_path / "tree"
-  shutil.copytree(smooth_tree, root)
-  (root / "train" / "class1" / "05.png").write_bytes(b"not a png")
-  config = _data_config(root)
-  streamed = streaming.StreamedData(
-      data.open_dataset(config), parallel.make_mesh(), _data_config(root, stats_images=1)
+  assert without_times(_history(resumed, "student")) == without_times(
+      _history(tmp_path / "s", "student")
   )
-  with pytest.raises(UserInputError, match=r"cannot decode .*class1/05\.png: fix or remove it"):
-    for _ in streamed.train_batches(0, 0, 0, 36):
-      pass
-
-
-def test_in_memory_choice(smooth_tree):
-  assert data.streams(_data_config(smooth_tree, in_memory="false"))
-  assert not data.streams(_data_config(smooth_tree, in_memory=True))
-  # 36 + 12 images of 8 x 8 x 3 bytes: 9 KiB.
-  assert data.streams(_data_config(smooth_tree, in_memory="auto", memory_budget_gb=8e-6))
-  assert not data.streams(_data_config(smooth_tree, in_memory="auto", memory_budget_gb=1e-5))
-  assert not data.streams(ml_collections.ConfigDict({"source": "digits", "in_memory": "auto"}))
-  with pytest.raises(UserInputError, match="data.in_memory='sometimes': use true, false or auto"):
-    data.streams(_data_config(smooth_tree, in_memory="sometimes"))
-  with pytest.raises(UserInputError, match="data.source='digits' cannot be streamed"):
-    data.open_dataset(ml_collections.ConfigDict({"source": "digits"}))
