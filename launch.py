@@ -11,7 +11,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from kd_jax import parallel, pipeline, predict
+from kd_jax import host, parallel, pipeline, predict
 from kd_jax.errors import KDJaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -70,6 +70,7 @@ def main(argv):
   logging.get_absl_logger().addFilter(
       lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
   )
+  host.reuse_freed_memory()  # before the backend starts
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if _MODE.value == "predict":

@@ -28,7 +28,7 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # pylint: disable=wrong-import-position
-from kd_jax import data, methods, optim, parallel, streaming, train  # pylint: disable=wrong-import-position
+from kd_jax import data, host, methods, optim, parallel, streaming, train  # pylint: disable=wrong-import-position
 from kd_jax.network import create_network  # pylint: disable=wrong-import-position
 
 
@@ -100,6 +100,7 @@ def main():
 
   config = default.get_config().data
   config.update(source="folder", dir=args.dir, image_size=args.image_size, augment=args.augment)
+  host.reuse_freed_memory()  # as launch.py does, before the backend starts
   mesh = parallel.make_mesh()
   start = time.perf_counter()
   streamed = streaming.StreamedData(data.open_dataset(config), mesh, config)

@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
-from kd_jax import methods, optim, parallel, train
+from kd_jax import host, methods, optim, parallel, train
 from kd_jax.data import Dataset, load_dataset
 from kd_jax.data import augment as augment_lib
 from kd_jax.errors import UserInputError
@@ -69,6 +69,9 @@ STEP_KINDS = ("teacher_train", "student_offline", "student_online")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per step kind; the median is reported.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compiling, before timing.")
 _BATCH = flags.DEFINE_integer("batch", 128, "Global batch size.")
+_REUSE_FREED_MEMORY = flags.DEFINE_bool(
+    "reuse_freed_memory", True, "kd_jax.host.reuse_freed_memory, as launch.py applies it."
+)
 _ONLY = flags.DEFINE_list(
     "only", list(STEP_KINDS), f"Step kinds to time, from {', '.join(STEP_KINDS)}; empty for none."
 )
@@ -340,6 +343,7 @@ def main(argv):
     raise app.UsageError(f"--only: unknown step kinds {unknown}; use {', '.join(STEP_KINDS)}")
   if _STEPS.value < 1 or _WARMUP.value < 0:
     raise app.UsageError("--steps must be at least 1 and --warmup at least 0")
+  reused = _REUSE_FREED_MEMORY.value and host.reuse_freed_memory()  # before the backend starts
   mesh = parallel.make_mesh()
   try:
     parallel.check_batch_size(_BATCH.value, "--batch", mesh)
@@ -369,6 +373,7 @@ def main(argv):
       warmup=_WARMUP.value,
       augment=_AUGMENT.value,
       compute_dtype=common["compute_dtype"],
+      reuse_freed_memory=reused,
       batches="gathered per step from device-resident uint8 data, inside the timed region",
       device={
           "kind": jax.devices()[0].device_kind,

@@ -160,6 +160,7 @@ def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(smooth_tree, tm
   os.remove(resumed / "report.json")
   again = pipeline.train_and_evaluate(streamed_config, str(resumed))
   assert again["student"]["top1"] == streamed["student"]["top1"]
+
   # One epoch added (a restart from scratch would have added two), as before.
   def without_times(history):
     return [{k: v for k, v in epoch.items() if k != "epoch_time_s"} for epoch in history]
