@@ -168,3 +168,29 @@ def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(smooth_tree, tm
   assert without_times(_history(resumed, "student")) == without_times(
       _history(tmp_path / "s", "student")
   )
+
+
+def test_a_corrupt_image_in_a_stream_is_named(smooth_tree, tmp_path):
+  root = tmp_path / "tree"
+  shutil.copytree(smooth_tree, root)
+  (root / "train" / "class1" / "05.png").write_bytes(b"not a png")
+  config = _data_config(root)
+  streamed = streaming.StreamedData(
+      data.open_dataset(config), parallel.make_mesh(), _data_config(root, stats_images=1)
+  )
+  with pytest.raises(UserInputError, match=r"cannot decode .*class1/05\.png: fix or remove it"):
+    for _ in streamed.train_batches(0, 0, 0, 36):
+      pass
+
+
+def test_in_memory_choice(smooth_tree):
+  assert data.streams(_data_config(smooth_tree, in_memory="false"))
+  assert not data.streams(_data_config(smooth_tree, in_memory=True))
+  # 36 + 12 images of 8 x 8 x 3 bytes: 9 KiB.
+  assert data.streams(_data_config(smooth_tree, in_memory="auto", memory_budget_gb=8e-6))
+  assert not data.streams(_data_config(smooth_tree, in_memory="auto", memory_budget_gb=1e-5))
+  assert not data.streams(ml_collections.ConfigDict({"source": "digits", "in_memory": "auto"}))
+  with pytest.raises(UserInputError, match="data.in_memory='sometimes': use true, false or auto"):
+    data.streams(_data_config(smooth_tree, in_memory="sometimes"))
+  with pytest.raises(UserInputError, match="data.source='digits' cannot be streamed"):
+    data.open_dataset(ml_collections.ConfigDict({"source": "digits"}))
