@@ -5,7 +5,7 @@
 
 KD: T 1, CE 0.5 + KD 0.5, SGD momentum 0.9, lr 0.2 at batch 512 (scaled
 linearly with the global batch), 100 epochs, x0.1 at 30/60/90, weight decay
-1e-4 (published: KD 71.03-71.37 top-1; DKD 71.70). DKD: CE 1, alpha 0.5,
+1e-4 (published: KD 71.03-71.37 top-1; DKD 71.70). DKD: CE 1, alpha 1,
 beta 0.5, T 1, a 1-epoch warm-up (mdistiller's imagenet/r34_r18 DKD config).
 Pre-trained teachers cannot be downloaded here, so the teacher trains first
 with torchvision's ResNet recipe (lr 0.1 at batch 256, 90 epochs, x0.1 at
@@ -59,7 +59,7 @@ def get_config(method: str = "kd"):
     config.distill.update(
         method="dkd",
         temperature=1.0,
-        dkd_alpha=0.5,
+        dkd_alpha=1.0,
         dkd_beta=0.5,
         dkd_ce_weight=1.0,
         dkd_warmup_epochs=1,
