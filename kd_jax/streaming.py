@@ -72,9 +72,8 @@ class StreamedData:
       raise UserInputError(f"data.prefetch={self._prefetch} must be at least 1")
     counts_Px2 = parallel.allgather(np.array([[len(dataset.train), len(dataset.test)]], np.int64))
     self._train_counts, self._test_counts = counts_Px2[:, 0], counts_Px2[:, 1]
-    self.train_layout, self.test_layout = RowLayout(self._train_counts), RowLayout(
-        self._test_counts
-    )
+    self.train_layout = RowLayout(self._train_counts)
+    self.test_layout = RowLayout(self._test_counts)
     self.num_classes = dataset.num_classes
     self.image_shape = dataset.image_shape
     self.mean_C, self.std_C = self._normalization_stats(int(data_config.get("stats_images", 50000)))

@@ -6,8 +6,9 @@ import sys
 
 from conftest import ROOT
 
-# A 32 MiB elementwise op, run 20 times: glibc's default mmaps and unmaps its
-# output each time, so each call page-faults all 8,192 of its pages in again.
+# A 32 MiB elementwise op: glibc's default mmaps and unmaps its output each
+# time, so each call page-faults all 8,192 of its pages in again; with freed
+# memory kept, the calls after the first few fault none.
 _PROBE = """
 import json, resource, sys
 from kd_jax import host
@@ -15,7 +16,8 @@ applied = host.reuse_freed_memory() if sys.argv[1] == "reuse" else False
 import jax, jax.numpy as jnp
 relu = jax.jit(jax.nn.relu)
 x = jnp.ones((128, 16, 16, 256), jnp.float32)
-jax.block_until_ready(relu(x))
+for _ in range(20):  # until the heap has grown to what the calls need
+  jax.block_until_ready(relu(x))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
   jax.block_until_ready(relu(x))
@@ -35,4 +37,4 @@ def _probe(mode: str) -> dict:
 def test_reusing_freed_memory_stops_the_page_faults():
   default, reused = _probe("default"), _probe("reuse")
   assert default["faults_per_call"] > 4000  # what the setting is for
-  assert reused["applied"] and reused["faults_per_call"] < default["faults_per_call"] / 3
+  assert reused["applied"] and reused["faults_per_call"] < 100
