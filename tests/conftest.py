@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import pytest
 
 from configs import quickstart
@@ -40,6 +41,24 @@ def small_config_flags(**overrides) -> list[str]:
   return ["--config=configs/quickstart.py"] + [
       f"--config.{key}={value}" for key, value in {**SMALL_OVERRIDES, **overrides}.items()
   ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+  """One JAX compilation cache for the session and the launch.py processes it starts.
+
+  Pipeline runs and launch.py processes build their jitted functions afresh,
+  so the suite compiled the same small models dozens of times; with a
+  persistent cache each is compiled once.
+  """
+  cache = str(tmp_path_factory.mktemp("compilation_cache"))
+  settings = {
+      "jax_compilation_cache_dir": cache,
+      "jax_persistent_cache_min_compile_time_secs": 0,
+  }
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
 
 
 @pytest.fixture(scope="session")
