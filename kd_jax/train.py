@@ -1,9 +1,11 @@
 """Pure, jitted train steps and the loop over epochs that drives them.
 
 A train step takes the state and a batch and returns the new state and
-metrics; it is compiled once per stage and donates the old state. The dataset
-sits in device memory as uint8; a step receives only the batch gathered from
-it, so no image crosses from the host after the first copy.
+metrics; it is compiled once per stage and donates the old state. A dataset
+that fits sits in device memory as uint8 (`DeviceData`): a step receives only
+the batch gathered from it, so no image crosses from the host after the first
+copy. One that does not fit is streamed (`streaming.StreamedData`, the same
+interface): batches arrive from the host ahead of the steps that use them.
 """
 
 import contextlib
