@@ -7,10 +7,13 @@ import socket
 import subprocess
 import sys
 
+import cv2
+import ml_collections
+import numpy as np
 import pytest
 
 from conftest import ROOT, small_config, small_config_flags
-from kd_jax import pipeline
+from kd_jax import data, parallel, pipeline, streaming
 
 FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 ONE_EPOCH = {"teacher.epochs": 1, "student.epochs": 1, "baseline.enabled": False}
@@ -96,26 +99,15 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_hosts_train_as_one_host(four_device_run, tmp_path):
-  # Two processes with 2 CPU devices each, talking over localhost as two hosts
-  # would, sharing one workdir as hosts share a filesystem. The student learns
-  # from the 4-device run's teacher (training amplifies the last-bit
-  # differences of another summation order), through the offline cache of
-  # consistent views, which trains as online distillation does: so the
-  # teacher's pass over the data, process 0 writing the cache and the others
-  # reading it are covered too.
-  four, _ = four_device_run
-  overrides = {
-      **ONE_EPOCH,
-      "teacher.checkpoint": os.path.join(four, "teacher"),
-      "distill.mode": "offline",
-      "distill.cache": "consistent",
-      "distill.cache_dtype": "float32",
-  }
+def _run_as_two_hosts(workdir, flags: list[str]) -> list[str]:
+  """Runs launch.py as 2 processes of 2 CPU devices over localhost; returns their logs.
+
+  They share one workdir as hosts share a filesystem.
+  """
   address = f"127.0.0.1:{_free_port()}"
   # Logs go to files: a pipe that one process fills while the test waits on
   # the other would stall both in their next collective.
-  log_files = [open(tmp_path / f"process{index}.log", "w+") for index in range(2)]
+  log_files = [open(workdir / f"process{index}.log", "w+") for index in range(2)]
   processes = [
       subprocess.Popen(
           [
@@ -123,8 +115,8 @@ def test_two_hosts_train_as_one_host(four_device_run, tmp_path):
               "-X",
               "faulthandler",
               "launch.py",
-              f"--workdir={tmp_path}",
-              *small_config_flags(**overrides),
+              f"--workdir={workdir}",
+              *flags,
               f"--coordinator_address={address}",
               "--num_processes=2",
               f"--process_id={index}",
@@ -152,6 +144,25 @@ def test_two_hosts_train_as_one_host(four_device_run, tmp_path):
     log_file.close()
   for process, log in zip(processes, logs):
     assert process.returncode == 0, log[-3000:]
+  return logs
+
+
+def test_two_hosts_train_as_one_host(four_device_run, tmp_path):
+  # Two processes with 2 CPU devices each, as two hosts. The student learns
+  # from the 4-device run's teacher (training amplifies the last-bit
+  # differences of another summation order), through the offline cache of
+  # consistent views, which trains as online distillation does: so the
+  # teacher's pass over the data, process 0 writing the cache and the others
+  # reading it are covered too.
+  four, _ = four_device_run
+  overrides = {
+      **ONE_EPOCH,
+      "teacher.checkpoint": os.path.join(four, "teacher"),
+      "distill.mode": "offline",
+      "distill.cache": "consistent",
+      "distill.cache_dtype": "float32",
+  }
+  logs = _run_as_two_hosts(tmp_path, small_config_flags(**overrides))
   # Each process decoded only its half of the data.
   assert "process 0 holds 718 training and 180 test examples" in logs[0]
   assert "process 1 holds 719 training and 180 test examples" in logs[1]
@@ -167,6 +178,37 @@ def test_two_hosts_train_as_one_host(four_device_run, tmp_path):
   for key in ("top1", "top5"):  # the same tolerance as _assert_same_training's, for its reason
     assert report["student"][key] == pytest.approx(expected["student"][key], abs=0.03), key
   assert report["teacher_logits"]["kind"] == "consistent"
+
+
+def test_two_hosts_stream_their_own_shares(tmp_path):
+  # The digits as an image-folder tree, streamed by two hosts: each reads only
+  # its half, and the normalisation statistics over both halves are those of
+  # the whole tree.
+  tree = tmp_path / "tree"
+  digits = data.load_dataset(ml_collections.ConfigDict({"source": "digits"}))
+  for split, images, labels in (
+      ("train", digits.train_images, digits.train_labels),
+      ("test", digits.test_images, digits.test_labels),
+  ):
+    for index, (image, label) in enumerate(zip(images, labels)):
+      os.makedirs(tree / split / str(label), exist_ok=True)
+      cv2.imwrite(str(tree / split / str(label) / f"{index:04d}.png"), np.repeat(image, 3, -1))
+  streamed = {"data.source": "folder", "data.dir": str(tree), "data.in_memory": "false"}
+  workdir = tmp_path / "work"
+  os.makedirs(workdir)
+  logs = _run_as_two_hosts(workdir, small_config_flags(**ONE_EPOCH, **streamed))
+  assert "process 0 streams 718 training and 180 test examples" in logs[0]
+  assert "process 1 streams 719 training and 180 test examples" in logs[1]
+  with open(workdir / "report.json") as f:
+    report = json.load(f)
+  assert report["dataset"]["num_train"] == 1437 and report["dataset"]["num_test"] == 360
+  assert 0.0 < report["student"]["top1"] <= 1.0
+  with open(workdir / "dataset.json") as f:
+    stats = json.load(f)
+  config = ml_collections.ConfigDict({"source": "folder", "dir": str(tree), "augment": "none"})
+  whole = streaming.StreamedData(data.open_dataset(config), parallel.make_mesh(), config)
+  assert stats["mean"] == [float(m) for m in whole.mean_C]
+  assert stats["std"] == [float(s) for s in whole.std_C]
 
 
 def test_incomplete_multi_host_flags_are_one_line(tmp_path):
