@@ -56,6 +56,9 @@ def get_config() -> ml_collections.ConfigDict:
           workers=0,  # streaming: decoding threads per process; 0 = one per CPU core
           prefetch=2,  # streaming: batches in flight to the devices
           stats_images=50000,  # streaming: images sampled for the normalisation statistics
+          # streaming: < 1 evaluates on the centre of test images whose shorter side is
+          # resized to image_size / eval_crop (ImageNet: 0.875, i.e. 256 -> 224); 1 resizes whole
+          eval_crop=1.0,
           # source=folder: logits from another tool, dir/train/<class>/<image>.npy per
           # training image (offline distillation with no kd_jax teacher)
           teacher_logits_dir="",

@@ -14,8 +14,9 @@ its manual download folder; an image folder works too (data.source=folder).
 Data: streamed (data.in_memory auto: 1.28M images decoded at 224 x 224 take
 about 190 GB), which needs TFDS's imagenet2012 prepared as ArrayRecord
 (`tfds build imagenet2012 --file_format=array_record`) or an image folder;
-random resized crops of the full-resolution images and flips on the host, 224
-x 224 images (resized, not centre-cropped) for evaluation.
+random resized crops of the full-resolution images and flips on the host;
+evaluation on the central 224 x 224 of images resized to 256 on the shorter
+side, as published.
 """
 
 from configs import default
@@ -46,6 +47,7 @@ def get_config(method: str = "kd"):
       test_split="validation",
       image_size=224,
       augment="resized_crop_flip",
+      eval_crop=0.875,  # the published protocol: shorter side 256, centre 224
   )
   config.teacher.update(
       model="resnet34", epochs=90, batch_size=256, optimizer=_sgd(0.1, 256, (30, 60))

@@ -294,6 +294,11 @@ def train_and_evaluate(
   os.makedirs(workdir, exist_ok=True)
   _check_workdir_config(config, workdir)
   streamed = data.streams(config.data, jax.process_count())
+  if not 0 < config.data.eval_crop <= 1 or (config.data.eval_crop < 1 and not streamed):
+    raise UserInputError(
+        f"data.eval_crop={config.data.eval_crop} must be in (0, 1], and below 1 only for "
+        "streamed data (data.in_memory=false)"
+    )
   if streamed:
     dataset = data.open_dataset(config.data, jax.process_index(), jax.process_count())
   else:

@@ -70,6 +70,7 @@ class StreamedData:
     self._prefetch = int(data_config.get("prefetch", 2))
     if self._prefetch < 1:
       raise UserInputError(f"data.prefetch={self._prefetch} must be at least 1")
+    self._eval_crop = float(data_config.get("eval_crop", 1.0))
     counts_Px2 = parallel.allgather(np.array([[len(dataset.train), len(dataset.test)]], np.int64))
     self._train_counts, self._test_counts = counts_Px2[:, 0], counts_Px2[:, 1]
     self.train_layout = RowLayout(self._train_counts)
@@ -134,8 +135,11 @@ class StreamedData:
   ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of every example of `split` ('train' or 'test'), unaugmented, in one-process order.
 
-    The last batches are padded with the share's first image, and the padding
-    dropped, so each example counts once and nothing recompiles.
+    Test images are resized to the image size, or with data.eval_crop < 1
+    have their shorter side resized to size / eval_crop and the centre cut
+    out (ImageNet's evaluation). The last batches are padded with the share's
+    first image, and the padding dropped, so each example counts once and
+    nothing recompiles.
     """
     source = self._dataset.train if split == "train" else self._dataset.test
     counts_P = self._train_counts if split == "train" else self._test_counts
@@ -144,11 +148,16 @@ class StreamedData:
     num_batches = -(-int(counts_P.max()) // local_batch)
     height, width = self.image_shape[:2]
 
+    def view(image: np.ndarray) -> np.ndarray:
+      if split == "test" and self._eval_crop < 1:
+        return resize.resize_and_center_crop(image, height, self._eval_crop)
+      return resize.resize_image(image, height, width)
+
     def make_batch(k: int) -> dict:
       indices = np.arange(k * local_batch, (k + 1) * local_batch)
       examples = [source[int(i)] if i < len(source) else source[0] for i in indices]
       return {
-          "image": np.stack([resize.resize_image(image, height, width) for image, _ in examples]),
+          "image": np.stack([view(image) for image, _ in examples]),
           "label": np.asarray([label for _, label in examples], np.int32),
       }
 

@@ -194,3 +194,24 @@ def test_in_memory_choice(smooth_tree):
     data.streams(_data_config(smooth_tree, in_memory="sometimes"))
   with pytest.raises(UserInputError, match="data.source='digits' cannot be streamed"):
     data.open_dataset(ml_collections.ConfigDict({"source": "digits"}))
+
+
+def test_eval_crop_takes_the_centre_of_the_resized_image(smooth_tree):
+  # image_size 8 at eval_crop 0.5: shorter side to 16, then the central 8 x 8.
+  config = _data_config(smooth_tree, eval_crop=0.5)
+  streamed = streaming.StreamedData(data.open_dataset(config), parallel.make_mesh(), config)
+  forward = jax.jit(lambda variables, x: x.reshape(x.shape[0], -1).astype(jnp.float32))
+  logits, _ = streamed.predict(forward, None, "test", 12)
+  files = data.open_dataset(config).test.files
+  for row, name in zip(logits, files):
+    image = cv2.imread(str(smooth_tree / name), cv2.IMREAD_COLOR_RGB)
+    height, width = image.shape[:2]  # 8 x 8 or 11 x 13: the shorter side becomes 16
+    resized = cv2.resize(image, (round(width * 16 / height), 16), interpolation=cv2.INTER_LINEAR)
+    top, left = (16 - 8) // 2, (resized.shape[1] - 8) // 2
+    np.testing.assert_array_equal(row.reshape(8, 8, 3), resized[top : top + 8, left : left + 8])
+
+
+def test_eval_crop_needs_streamed_data(smooth_tree, tmp_path):
+  config = _run_config(smooth_tree, "true", **{"data.eval_crop": 0.875})
+  with pytest.raises(UserInputError, match="data.eval_crop=0.875 .* only for streamed data"):
+    pipeline.train_and_evaluate(config, str(tmp_path))

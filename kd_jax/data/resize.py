@@ -33,3 +33,20 @@ def resize_images(images: np.ndarray, size: int) -> np.ndarray:
   if not size or images.shape[1:3] == (size, size):
     return images
   return np.stack([resize_image(image, size, size) for image in images])
+
+
+def resize_and_center_crop(image: np.ndarray, size: int, crop_fraction: float) -> np.ndarray:
+  """The central size x size of an image whose shorter side is resized to size / crop_fraction.
+
+  ImageNet's evaluation view (shorter side 256, centre 224 at 0.875), which
+  keeps the aspect ratio where `resize_image` would squash it.
+  """
+  height, width = image.shape[:2]
+  shorter = round(size / crop_fraction)
+  if height <= width:
+    new_height, new_width = shorter, max(shorter, round(width * shorter / height))
+  else:
+    new_height, new_width = max(shorter, round(height * shorter / width)), shorter
+  resized = resize_image(image, new_height, new_width)
+  top, left = (new_height - size) // 2, (new_width - size) // 2
+  return resized[top : top + size, left : left + size]
