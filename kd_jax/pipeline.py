@@ -91,7 +91,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
 
   Checkpoints of another model, dataset or method would be restored into the
   wrong run. Evaluation, export and checkpoint settings and the streaming
-  threads and prefetch do not change results and may differ; anything else needs checkpoint.allow_config_change=true.
+  threads and prefetch do not change results and may differ; anything else
+  needs checkpoint.allow_config_change=true.
   """
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json())
@@ -146,7 +147,7 @@ def _restore_teacher(
 
 
 def _summarise(network: Network, variables: Variables, device_data, mesh, config):
-  """Test logits and labels, and the report entry, of one trained model."""
+  """Test logits and the report entry of one trained model."""
   logits, labels = device_data.predict(
       evaluate.jit_forward(network, device_data.mean_C, device_data.std_C, mesh),
       variables,
@@ -167,7 +168,7 @@ def _summarise(network: Network, variables: Variables, device_data, mesh, config
           throughput_repeats=config.eval.throughput_repeats,
       )
   )
-  return logits, labels, entry
+  return logits, entry
 
 
 def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, mesh):
@@ -397,14 +398,14 @@ def train_and_evaluate(
       "dataset": {
           "name": config.data.name if config.data.source == "tfds" else config.data.source,
           "num_train": device_data.num_train,
+          "num_test": len(device_data.test_layout.rows),
           "num_classes": dataset.num_classes,
       },
       "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
   }
   predictions = {}
   for name, (network, run) in runs.items():
-    logits, labels, entry = _summarise(network, run.variables, device_data, mesh, config)
-    results["dataset"]["num_test"] = len(labels)
+    logits, entry = _summarise(network, run.variables, device_data, mesh, config)
     predictions[name] = logits.argmax(-1)
     best = max(run.history, key=lambda epoch: epoch["test_top1"])
     results[name] = {

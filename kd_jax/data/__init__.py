@@ -14,7 +14,7 @@ one process's share of each split in a multi-host run.
   tfds_data_dir: optional TFDS data directory; unset means the TFDS default
     ($TFDS_DATA_DIR or ~/tensorflow_datasets).
   in_memory: 'true' (decode everything up front), 'false' (stream: see
-    kd_jax/data/stream.py) or 'auto': stream when the decoded images of this
+    kd_jax/streaming.py) or 'auto': stream when the decoded images of this
     process's share would take more than memory_budget_gb.
 
 `open_dataset` opens the same sources for streaming instead: nothing is
@@ -224,15 +224,16 @@ def open_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
         f"data.source={source!r} cannot be streamed: use data.source=folder or tfds, "
         "or data.in_memory=true"
     )
-  for key, split in (("data.train_split", train), ("data.test_split", test)):
-    if not len(split):
-      raise UserInputError(f"{key} of TFDS dataset {data_config.get('name')!r} has no examples")
   if image_size:
     height = width = image_size
   elif shape[0] is not None:
     height, width = shape[:2]
   else:
     height, width = train[0][0].shape[:2]
+  if height != width:
+    raise UserInputError(
+        f"streamed images are made square, and these are {height}x{width}: set data.image_size"
+    )
   return StreamedDataset(train, test, class_names, (height, width, shape[-1]), train_files)
 
 

@@ -47,15 +47,12 @@ def load(
   Raises:
     UserInputError: the tree is missing, malformed or has too many bad files.
   """
-  root = _checked_root(root)
-  class_names = _class_names(root)
+  *shares, class_names = open_splits(root, process_index, process_count)
   splits = {}
-  for split in SPLITS:
-    files, labels = _list_files(root, split, class_names)
-    share = share_of(len(files), process_index, process_count)
-    files, labels = files[share], labels[share]
-    images = _decode(root, files, image_size)
-    splits[split] = _drop_undecodable(root, split, files, labels, images)
+  for split, share in zip(SPLITS, shares):
+    files, labels = list(share.files), share.labels.tolist()
+    images = _decode(share.root, files, image_size)
+    splits[split] = _drop_undecodable(share.root, split, files, labels, images)
   if not image_size:
     _resize_to_most_common(splits)
   train_files, train_labels, train_images = splits["train"]

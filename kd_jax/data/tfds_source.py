@@ -189,6 +189,8 @@ def _as_sources(builder, name, splits, keys) -> dict[str, TfdsImages]:
       raise UserInputError(
           f"{key}={split!r} is not a split of TFDS dataset {name!r}: {_first_line(e)}"
       ) from None
+    if not len(source):
+      raise UserInputError(f"{key}={split!r} of TFDS dataset {name!r} has no examples")
     opened[key] = TfdsImages(source, name, split, *keys, channels)
   return opened
 
