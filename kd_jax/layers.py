@@ -6,6 +6,8 @@ convolutions, BatchNorm with PyTorch's defaults), so parameter counts and
 output shapes match the published models.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,9 +21,88 @@ BN_EPSILON = 1e-5
 _KERNEL_INIT = nnx.initializers.lecun_normal()
 
 
-def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> nnx.BatchNorm:
-  """Returns an nnx.BatchNorm with PyTorch's default momentum and epsilon."""
-  return nnx.BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_with_batch_stats(
+    x_NxC: jax.Array, scale_C: jax.Array, bias_C: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Batch normalisation of the rows of x with their own statistics.
+
+  The forward pass is nnx.BatchNorm's in training mode (statistics in at least
+  float32, variance as E[x^2] - E[x]^2 clipped at 0); the backward pass is the
+  textbook closed form with two reductions, where autodiff of the forward pass
+  leaves XLA:CPU about twice the work (BENCHMARKS.md).
+
+  Args:
+    x_NxC: the rows to normalise, one column per feature.
+    scale_C: per-feature scale.
+    bias_C: per-feature bias.
+    epsilon: added to the variance.
+
+  Returns:
+    (y_NxC in x's dtype, batch mean_C, batch variance_C); the statistics carry
+    no gradient (they only feed the running averages).
+  """
+  return _normalize_forward(x_NxC, scale_C, bias_C, epsilon)[0]
+
+
+def _batch_stats(x_NxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  x_NxC = x_NxC.astype(jnp.promote_types(x_NxC.dtype, jnp.float32))
+  mean_C = x_NxC.mean(axis=0)
+  var_C = jnp.maximum(0.0, jnp.mean(x_NxC * x_NxC, axis=0) - mean_C * mean_C)
+  return x_NxC, mean_C, var_C
+
+
+def _normalize_forward(x_NxC, scale_C, bias_C, epsilon):
+  x32_NxC, mean_C, var_C = _batch_stats(x_NxC)
+  inv_std_C = jax.lax.rsqrt(var_C + epsilon)
+  y_NxC = ((x32_NxC - mean_C) * (inv_std_C * scale_C) + bias_C).astype(x_NxC.dtype)
+  return (y_NxC, mean_C, var_C), (x_NxC, mean_C, inv_std_C, scale_C)
+
+
+def _normalize_backward(epsilon, residuals, cotangents):
+  del epsilon  # only in inv_std
+  x_NxC, mean_C, inv_std_C, scale_C = residuals
+  dy_NxC = cotangents[0].astype(mean_C.dtype)
+  x_hat_NxC = (x_NxC.astype(mean_C.dtype) - mean_C) * inv_std_C
+  dbias_C = dy_NxC.sum(axis=0)
+  dscale_C = (dy_NxC * x_hat_NxC).sum(axis=0)
+  rows = x_NxC.shape[0]
+  dx_NxC = (scale_C * inv_std_C) * (dy_NxC - dbias_C / rows - x_hat_NxC * (dscale_C / rows))
+  return (
+      dx_NxC.astype(x_NxC.dtype),
+      dscale_C.astype(scale_C.dtype),
+      dbias_C.astype(scale_C.dtype),
+  )
+
+
+normalize_with_batch_stats.defvjp(_normalize_forward, _normalize_backward)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """nnx.BatchNorm over the last axis, with a hand-written training-mode gradient.
+
+  Same state, statistics and results as nnx.BatchNorm (tests/test_layers.py);
+  in training mode it normalises with `normalize_with_batch_stats`.
+  """
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Normalises x (..., C): with the batch's statistics in training mode, else the running ones."""
+    if self.use_running_average:
+      return super().__call__(x)
+    x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+    y_NxC, mean_C, var_C = normalize_with_batch_stats(
+        x.reshape(-1, x.shape[-1]), scale, bias, self.epsilon
+    )
+    # As nnx.BatchNorm: the running averages take no gradient.
+    mean_C, var_C = jax.lax.stop_gradient((mean_C, var_C))
+    self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean_C
+    self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var_C
+    return y_NxC.reshape(x.shape)
+
+
+def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> BatchNorm:
+  """Returns a BatchNorm with PyTorch's default momentum and epsilon."""
+  return BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
 
 
 def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
@@ -37,6 +118,56 @@ def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.
   )
 
 
+def _pad_hw(x_BxHxWxC: jax.Array) -> jax.Array:
+  return jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _shifted_sum(
+    x_pad: jax.Array, kernel_3x3xC: jax.Array, stride: int, out_h: int, out_w: int
+) -> jax.Array:
+  """sum_{i,j} x_pad[:, h*s + i, w*s + j, :] * kernel[i, j] for each output pixel (h, w)."""
+
+  def tap(i, j):
+    rows = slice(i, i + (out_h - 1) * stride + 1, stride)
+    cols = slice(j, j + (out_w - 1) * stride + 1, stride)
+    return x_pad[:, rows, cols, :] * kernel_3x3xC[i, j]
+
+  return sum(tap(i, j) for i in range(3) for j in range(3))
+
+
+@jax.custom_vjp
+def _depthwise_stride1(x_BxHxWxC: jax.Array, kernel_3x3xC: jax.Array) -> jax.Array:
+  _, height, width, _ = x_BxHxWxC.shape
+  return _shifted_sum(_pad_hw(x_BxHxWxC), kernel_3x3xC, 1, height, width)
+
+
+def _depthwise_stride1_forward(x_BxHxWxC, kernel_3x3xC):
+  return _depthwise_stride1(x_BxHxWxC, kernel_3x3xC), (x_BxHxWxC, kernel_3x3xC)
+
+
+def _depthwise_stride1_backward(residuals, dy_BxHxWxC):
+  x_BxHxWxC, kernel_3x3xC = residuals
+  _, height, width, _ = x_BxHxWxC.shape
+  # Materialised once: XLA:CPU would otherwise fuse the cotangent's producers (the
+  # batch-norm backward) into each of the nine taps below and compute them nine times.
+  dy_BxHxWxC = jax.lax.optimization_barrier(dy_BxHxWxC)
+  dy_pad = jax.lax.optimization_barrier(_pad_hw(dy_BxHxWxC))
+  # The transposed convolution: the same shifted sum with the kernel flipped.
+  dx_BxHxWxC = _shifted_sum(dy_pad, kernel_3x3xC[::-1, ::-1], 1, height, width)
+  x_pad = _pad_hw(x_BxHxWxC)
+  dkernel_9xC = jnp.stack(
+      [
+          jnp.sum(x_pad[:, i : i + height, j : j + width, :] * dy_BxHxWxC, axis=(0, 1, 2))
+          for i in range(3)
+          for j in range(3)
+      ]
+  )
+  return dx_BxHxWxC, dkernel_9xC.reshape(kernel_3x3xC.shape)
+
+
+_depthwise_stride1.defvjp(_depthwise_stride1_forward, _depthwise_stride1_backward)
+
+
 def depthwise_conv_shifted(
     x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, stride: int
 ) -> jax.Array:
@@ -44,7 +175,8 @@ def depthwise_conv_shifted(
 
   Computes out[h, w] = sum_{i,j} pad(x)[h*s + i, w*s + j] * k[i, j] per
   channel. On CPU this is far faster than XLA's grouped convolution, forward
-  and backward.
+  and backward; at stride 1 the backward pass is written out (the transposed
+  shifted sum and nine reductions for the kernel).
 
   Args:
     x_BxHxWxC: input images.
@@ -54,17 +186,13 @@ def depthwise_conv_shifted(
   Returns:
     The convolved images, shape (B, (H-1)//stride + 1, (W-1)//stride + 1, C).
   """
+  kernel_3x3xC = kernel_3x3x1xC[:, :, 0]
+  if stride == 1:
+    return _depthwise_stride1(x_BxHxWxC, kernel_3x3xC)
   _, height, width, _ = x_BxHxWxC.shape
   out_h = (height - 1) // stride + 1
   out_w = (width - 1) // stride + 1
-  x_pad = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-
-  def tap(i, j):
-    rows = slice(i, i + (out_h - 1) * stride + 1, stride)
-    cols = slice(j, j + (out_w - 1) * stride + 1, stride)
-    return x_pad[:, rows, cols, :] * kernel_3x3x1xC[i, j, 0]
-
-  return sum(tap(i, j) for i in range(3) for j in range(3))
+  return _shifted_sum(_pad_hw(x_BxHxWxC), kernel_3x3xC, stride, out_h, out_w)
 
 
 def depthwise_conv_grouped(

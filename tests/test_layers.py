@@ -103,6 +103,65 @@ def test_pointwise_init_and_size_match_nnx_conv():
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
 
 
+def _batch_norm_pair(features):
+  """kd_jax's BatchNorm and nnx.BatchNorm with the same settings and a non-trivial state."""
+  ours = layers.batch_norm(features, rngs=nnx.Rngs(0))
+  reference = nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
+  for bn in (ours, reference):
+    bn.scale[...] = jnp.asarray(_normal((features,), seed=3)) + 2.0
+    bn.bias[...] = jnp.asarray(_normal((features,), seed=4))
+    bn.mean[...] = jnp.full((features,), 0.5)
+    bn.var[...] = jnp.full((features,), 2.0)
+  return ours, reference
+
+
+def _train_call_and_grads(bn, x, cotangent):
+  """Output, gradients (x, scale, bias) and updated running stats of one training call."""
+  graph, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+  def loss(x, params):
+    model = nnx.merge(graph, params, stats, copy=True)
+    out = model(x)
+    return jnp.sum(out.astype(jnp.float32) * cotangent), (out, nnx.state(model, nnx.BatchStat))
+
+  (_, (out, new_stats)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      x, params
+  )
+  return out, dx, dparams["scale"][...], dparams["bias"][...], new_stats
+
+
+def test_batch_norm_matches_nnx_batch_norm_in_training():
+  ours, reference = _batch_norm_pair(6)
+  # Off-centre, so that the mean and variance terms of the gradient matter.
+  x = jnp.asarray(_normal((4, 5, 3, 6))) * 3.0 + 1.5
+  cotangent = _cotangent((4, 5, 3, 6))
+  got = _train_call_and_grads(ours, x, cotangent)
+  want = _train_call_and_grads(reference, x, cotangent)
+  for name, a, b in zip(("output", "dx", "dscale", "dbias"), got[:4], want[:4]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(got[4][name][...], want[4][name][...], rtol=1e-6, err_msg=name)
+
+
+def test_batch_norm_matches_nnx_batch_norm_in_eval_and_bfloat16():
+  ours, reference = _batch_norm_pair(3)
+  x = jnp.asarray(_normal((8, 2, 2, 3))) + 1.0
+  ours.eval()
+  reference.eval()
+  np.testing.assert_allclose(ours(x), reference(x), rtol=1e-6)
+  ours.train()
+  reference.train()
+  ours.dtype = reference.dtype = jnp.bfloat16  # as network.create_network sets it
+  x16 = x.astype(jnp.bfloat16)
+  out, dx, *_ = _train_call_and_grads(ours, x16, _cotangent(x.shape))
+  out_ref, dx_ref, *_ = _train_call_and_grads(reference, x16, _cotangent(x.shape))
+  assert out.dtype == out_ref.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
+  # Within a bfloat16 rounding (8 significant bits) of each other.
+  bf16 = dict(rtol=2**-7, atol=2**-7)
+  np.testing.assert_allclose(out.astype(np.float32), out_ref.astype(np.float32), **bf16)
+  np.testing.assert_allclose(dx.astype(np.float32), dx_ref.astype(np.float32), **bf16)
+
+
 def test_dsconv_shape_and_batch_norm_settings():
   block = layers.DSConv(3, 8, strides=2, rngs=nnx.Rngs(0))
   out = block(jnp.ones((2, 9, 9, 3)))

@@ -41,10 +41,12 @@ def _assert_same_training(one, four, stage):
   for a, b in zip(_metrics(one, stage), _metrics(four, stage), strict=True):
     # Batch statistics and gradients are over the global batch on both; only
     # the order of floating-point sums differs, which may flip a borderline
-    # prediction or two.
-    for key in ("loss", "param_norm"):
-      assert b[key] == pytest.approx(a[key], rel=1e-4), (stage, key)
-    assert b["accuracy"] == pytest.approx(a["accuracy"], abs=2 / 1408), stage  # 22 x 64
+    # prediction or two. Over an epoch those last bits move the mean loss by a
+    # few 1e-4 (measured up to 4.7e-4); a sharding error (per-device batch
+    # statistics, gradients summed instead of averaged) moves it by far more.
+    assert b["loss"] == pytest.approx(a["loss"], rel=2e-3), (stage, "loss")
+    assert b["param_norm"] == pytest.approx(a["param_norm"], rel=1e-4), (stage, "param_norm")
+    assert b["accuracy"] == pytest.approx(a["accuracy"], abs=5 / 1408), stage  # of 22 x 64
     # A one-epoch model's test predictions amplify those last-bit differences;
     # the same weights give the same accuracy on 4 devices (test_checkpoint).
     assert b["test_top1"] == pytest.approx(a["test_top1"], abs=0.03), stage
