@@ -150,8 +150,8 @@ def _depthwise_stride1_backward(residuals, dy_BxHxWxC):
   _, height, width, _ = x_BxHxWxC.shape
   # Materialised once: XLA:CPU would otherwise fuse the cotangent's producers (the
   # batch-norm backward) into each of the nine taps below and compute them nine times.
-  dy_BxHxWxC = jax.lax.optimization_barrier(dy_BxHxWxC)
   dy_pad = jax.lax.optimization_barrier(_pad_hw(dy_BxHxWxC))
+  dy_BxHxWxC = dy_pad[:, 1:-1, 1:-1, :]
   # The transposed convolution: the same shifted sum with the kernel flipped.
   dx_BxHxWxC = _shifted_sum(dy_pad, kernel_3x3xC[::-1, ::-1], 1, height, width)
   x_pad = _pad_hw(x_BxHxWxC)
