@@ -45,15 +45,10 @@ def normalize_with_batch_stats(
   return _normalize_forward(x_NxC, scale_C, bias_C, epsilon)[0]
 
 
-def _batch_stats(x_NxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  x_NxC = x_NxC.astype(jnp.promote_types(x_NxC.dtype, jnp.float32))
-  mean_C = x_NxC.mean(axis=0)
-  var_C = jnp.maximum(0.0, jnp.mean(x_NxC * x_NxC, axis=0) - mean_C * mean_C)
-  return x_NxC, mean_C, var_C
-
-
 def _normalize_forward(x_NxC, scale_C, bias_C, epsilon):
-  x32_NxC, mean_C, var_C = _batch_stats(x_NxC)
+  x32_NxC = x_NxC.astype(jnp.promote_types(x_NxC.dtype, jnp.float32))
+  mean_C = x32_NxC.mean(axis=0)
+  var_C = jnp.maximum(0.0, jnp.mean(x32_NxC * x32_NxC, axis=0) - mean_C * mean_C)
   inv_std_C = jax.lax.rsqrt(var_C + epsilon)
   y_NxC = ((x32_NxC - mean_C) * (inv_std_C * scale_C) + bias_C).astype(x_NxC.dtype)
   return (y_NxC, mean_C, var_C), (x_NxC, mean_C, inv_std_C, scale_C)
@@ -62,6 +57,7 @@ def _normalize_forward(x_NxC, scale_C, bias_C, epsilon):
 def _normalize_backward(epsilon, residuals, cotangents):
   del epsilon  # only in inv_std
   x_NxC, mean_C, inv_std_C, scale_C = residuals
+  # The statistics' cotangents are zero: they only feed the running averages.
   dy_NxC = cotangents[0].astype(mean_C.dtype)
   x_hat_NxC = (x_NxC.astype(mean_C.dtype) - mean_C) * inv_std_C
   dbias_C = dy_NxC.sum(axis=0)
