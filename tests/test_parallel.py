@@ -44,6 +44,7 @@ def _assert_same_training(one, four, stage):
     # prediction or two. Over an epoch those last bits move the mean loss by a
     # few 1e-4 (measured up to 4.7e-4); a sharding error (per-device batch
     # statistics, gradients summed instead of averaged) moves it by far more.
+    # test_two_steps_on_four_devices_equal_one_device checks steps to float precision.
     assert b["loss"] == pytest.approx(a["loss"], rel=2e-3), (stage, "loss")
     assert b["param_norm"] == pytest.approx(a["param_norm"], rel=1e-4), (stage, "param_norm")
     assert b["accuracy"] == pytest.approx(a["accuracy"], abs=5 / 1408), stage  # of 22 x 64
@@ -74,6 +75,84 @@ def test_four_devices_train_as_one(four_device_run, tmp_path):
   _assert_same_training(one, tmp_path / "four_student", "student")
   with open(tmp_path / "four_student" / "report.json") as f:
     assert json.load(f)["student"]["devices"] == 4
+
+
+# Two distillation steps of a tiny student and teacher, on a mesh of one device and on
+# a mesh of four, from the same start: prints how far the results are apart.
+_ONE_STEP_PROBE = """
+import json
+import jax, numpy as np
+from jax.sharding import Mesh
+from configs import default
+from kd_jax import methods, optim, parallel, train
+from kd_jax.data import Dataset
+from kd_jax.data.augment import get_augmentation
+from kd_jax.network import create_network
+
+rng = np.random.default_rng(0)
+dataset = Dataset(
+    rng.integers(0, 256, (64, 8, 8, 1), np.uint8), rng.integers(0, 10, 64),
+    rng.integers(0, 256, (16, 8, 8, 1), np.uint8), rng.integers(0, 10, 16),
+    tuple(str(i) for i in range(10)),
+)
+config = default.get_config()
+results = []
+for devices in (jax.devices()[:1], jax.devices()):
+  mesh = Mesh(np.array(devices), (parallel.DATA_AXIS,))
+  data = train.put_on_device(dataset, mesh)
+  shapes = dict(num_classes=10, in_channels=1, seed=0)
+  student, variables = create_network("dsconv_student", width_multiplier=0.25, **shapes)
+  teacher, teacher_variables = create_network("resnet8", **shapes)
+  # SGD: its update is linear in the gradient, where Adam's first step is about
+  # lr * sign(g), which float noise flips for gradients near zero.
+  optimizer = optim.make_optimizer(
+      default.optimizer_config(name="sgd"), steps_per_epoch=2, epochs=1, batch_size=16
+  )
+  step = train.make_train_step(
+      student, optimizer, data, augmentation=get_augmentation("crop_flip"), seed=0, mesh=mesh,
+      teacher=teacher, objective=methods.make_objective(config.distill, 2, 1),
+  )
+  state = jax.device_put(
+      train.TrainState(np.int32(0), variables, optimizer.init(variables.params)),
+      parallel.replicated(mesh),
+  )
+  teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
+  gather = train.make_gather(mesh)
+  losses = []
+  for indices in list(train.epoch_indices(0, 0, data.num_train, 16))[:2]:
+    batch = gather({"image": data.train_images, "label": data.train_labels}, indices)
+    state, metrics = step(state, batch, teacher_variables)
+    losses.append(float(metrics["loss"]))
+  results.append((losses, jax.tree.map(np.asarray, jax.device_get(state.variables))))
+(losses_1, variables_1), (losses_4, variables_4) = results
+print(json.dumps({
+    "devices": jax.device_count(),
+    "loss_diff": max(abs(a - b) for a, b in zip(losses_1, losses_4)),
+    "variable_diff": max(
+        float(np.max(np.abs(a - b)) / (np.max(np.abs(a)) + 1e-12))
+        for a, b in zip(jax.tree.leaves(variables_1), jax.tree.leaves(variables_4))
+    ),
+}))
+"""
+
+
+def test_two_steps_on_four_devices_equal_one_device():
+  # The same steps, batch statistics and gradients over the global batch either
+  # way: only the order of float sums differs, so the results agree to float
+  # precision (a sharding error, e.g. per-device statistics, is off by far more).
+  result = subprocess.run(
+      [sys.executable, "-c", _ONE_STEP_PROBE],
+      cwd=ROOT,
+      env=FOUR_DEVICES,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  assert report["devices"] == 4
+  assert report["loss_diff"] < 1e-5
+  assert report["variable_diff"] < 1e-5
 
 
 def test_batch_not_divisible_by_devices_names_valid_sizes(tmp_path):
