@@ -144,11 +144,10 @@ def _depthwise_stride1_forward(x_BxHxWxC, kernel_3x3xC):
 def _depthwise_stride1_backward(residuals, dy_BxHxWxC):
   x_BxHxWxC, kernel_3x3xC = residuals
   _, height, width, _ = x_BxHxWxC.shape
-  # Materialised once: XLA:CPU would otherwise fuse the cotangent's producers (the
-  # batch-norm backward) into each of the nine taps below and compute them nine times.
-  dy_pad = jax.lax.optimization_barrier(_pad_hw(dy_BxHxWxC))
-  dy_BxHxWxC = dy_pad[:, 1:-1, 1:-1, :]
-  # The transposed convolution: the same shifted sum with the kernel flipped.
+  # The transposed convolution as the same shifted sum over the padded cotangent with
+  # the kernel flipped. Autodiff's transpose instead pads each tap's cotangent and adds
+  # the nine, and XLA:CPU fused the batch-norm backward into every one of them.
+  dy_pad = _pad_hw(dy_BxHxWxC)
   dx_BxHxWxC = _shifted_sum(dy_pad, kernel_3x3xC[::-1, ::-1], 1, height, width)
   x_pad = _pad_hw(x_BxHxWxC)
   dkernel_9xC = jnp.stack(
