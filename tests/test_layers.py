@@ -1,4 +1,4 @@
-"""Tests for kd_jax.layers: the fast conv paths against XLA's convolutions."""
+"""Tests for kd_jax.layers: the fast conv paths against XLA's convolutions, BatchNorm against nnx."""
 
 import functools
 

@@ -24,9 +24,10 @@ def _metrics(workdir, stage):
     return [json.loads(line) for line in f]
 
 
-def _run_on_four_devices(workdir, **overrides):
+def _python_on_four_devices(*args) -> subprocess.CompletedProcess:
+  """Runs `python *args` in the checkout with 4 CPU devices; it must succeed."""
   result = subprocess.run(
-      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags(**overrides)],
+      [sys.executable, *args],
       cwd=ROOT,
       env=FOUR_DEVICES,
       capture_output=True,
@@ -34,7 +35,12 @@ def _run_on_four_devices(workdir, **overrides):
       timeout=300,
   )
   assert result.returncode == 0, result.stderr[-2000:]
-  return result.stderr
+  return result
+
+
+def _run_on_four_devices(workdir, **overrides):
+  flags = small_config_flags(**overrides)
+  return _python_on_four_devices("launch.py", f"--workdir={workdir}", *flags).stderr
 
 
 def _assert_same_training(one, four, stage):
@@ -140,16 +146,8 @@ def test_two_steps_on_four_devices_equal_one_device():
   # The same steps, batch statistics and gradients over the global batch either
   # way: only the order of float sums differs, so the results agree to float
   # precision (a sharding error, e.g. per-device statistics, is off by far more).
-  result = subprocess.run(
-      [sys.executable, "-c", _ONE_STEP_PROBE],
-      cwd=ROOT,
-      env=FOUR_DEVICES,
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert result.returncode == 0, result.stderr[-2000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
+  output = _python_on_four_devices("-c", _ONE_STEP_PROBE).stdout
+  report = json.loads(output.strip().splitlines()[-1])
   assert report["devices"] == 4
   assert report["loss_diff"] < 1e-5
   assert report["variable_diff"] < 1e-5
