@@ -149,15 +149,35 @@ def _depthwise_stride1_backward(residuals, dy_BxHxWxC):
   # the nine, and XLA:CPU fused the batch-norm backward into every one of them.
   dy_pad = _pad_hw(dy_BxHxWxC)
   dx_BxHxWxC = _shifted_sum(dy_pad, kernel_3x3xC[::-1, ::-1], 1, height, width)
-  x_pad = _pad_hw(x_BxHxWxC)
-  dkernel_9xC = jnp.stack(
-      [
-          jnp.sum(x_pad[:, i : i + height, j : j + width, :] * dy_BxHxWxC, axis=(0, 1, 2))
-          for i in range(3)
-          for j in range(3)
-      ]
-  )
-  return dx_BxHxWxC, dkernel_9xC.reshape(kernel_3x3xC.shape)
+  dkernel_3x3xC = _depthwise_kernel_gradient(_pad_hw(x_BxHxWxC), dy_BxHxWxC)
+  return dx_BxHxWxC, dkernel_3x3xC
+
+
+# Rows of a depthwise kernel-gradient tap summed in one elementwise pass; a divisor of the
+# height, so at most this many (static) slices per tap.
+_MAX_ROWS_PER_PASS = 16
+
+
+def _depthwise_kernel_gradient(x_pad: jax.Array, dy_BxHxWxC: jax.Array) -> jax.Array:
+  """dk[i, j, c] = sum_{b,h,w} x_pad[b, h + i, w + j, c] * dy[b, h, w, c] for a 3x3 kernel.
+
+  Each tap first sums groups of rows with explicit adds of row slices, which XLA:CPU fuses
+  into one pass that reads x_pad in place, and only then reduces what is left. Reducing
+  each tap's full product directly made XLA:CPU copy out each shifted slice of x_pad for
+  the reduction (eight copies of the layer's input per layer; BENCHMARKS.md).
+  """
+  _, height, width, channels = dy_BxHxWxC.shape
+  rows = max(k for k in range(1, _MAX_ROWS_PER_PASS + 1) if height % k == 0)
+
+  def tap_partial_sums(i, j):
+    # Row h = q * rows + r of the tap's product lands in partial sum q.
+    return sum(
+        x_pad[:, i + r : i + r + height : rows, j : j + width, :] * dy_BxHxWxC[:, r::rows]
+        for r in range(rows)
+    )
+
+  partial_sums = jnp.stack([tap_partial_sums(i, j) for i in range(3) for j in range(3)], axis=1)
+  return partial_sums.sum(axis=(0, 2, 3)).reshape(3, 3, channels)
 
 
 _depthwise_stride1.defvjp(_depthwise_stride1_forward, _depthwise_stride1_backward)
@@ -171,7 +191,7 @@ def depthwise_conv_shifted(
   Computes out[h, w] = sum_{i,j} pad(x)[h*s + i, w*s + j] * k[i, j] per
   channel. On CPU this is far faster than XLA's grouped convolution, forward
   and backward; at stride 1 the backward pass is written out (the transposed
-  shifted sum and nine reductions for the kernel).
+  shifted sum, and the kernel gradient from row-wise partial sums).
 
   Args:
     x_BxHxWxC: input images.

@@ -42,7 +42,8 @@ def _assert_same_values_and_grads(conv_a, conv_b, x, kernel, stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("size", [7, 8])
+# 20 rows are summed in two groups of 10, 17 (prime) one row at a time.
+@pytest.mark.parametrize("size", [7, 8, 17, 20])
 def test_depthwise_shifted_matches_grouped_conv(stride, size):
   x = _normal((2, size, size + 1, 5))
   kernel = _normal((3, 3, 1, 5), seed=1)
