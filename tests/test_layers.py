@@ -56,6 +56,27 @@ def test_depthwise_shifted_matches_grouped_conv(stride, size):
   )
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_global_avg_pool_matches_mean_values_and_grads(dtype):
+  x = jnp.asarray(_normal((3, 5, 7, 4)), dtype)
+  cotangent = jnp.asarray(_cotangent((3, 4)), dtype)
+
+  def value_and_grad(pool):
+    return jax.value_and_grad(lambda x: jnp.sum(pool(x).astype(jnp.float32) * cotangent))(x)
+
+  pooled = layers.global_avg_pool(x)
+  assert pooled.shape == (3, 4) and pooled.dtype == dtype
+  expected = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+  tol = _TOL if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(pooled.astype(np.float32), expected.astype(np.float32), **tol)
+  (_, grad), (_, expected_grad) = (
+      value_and_grad(layers.global_avg_pool),
+      value_and_grad(lambda x: jnp.mean(x, axis=(1, 2))),
+  )
+  assert grad.dtype == dtype
+  np.testing.assert_allclose(grad.astype(np.float32), expected_grad.astype(np.float32), **tol)
+
+
 def test_depthwise_output_shape_matches_pytorch_padding_1():
   x = jnp.zeros((1, 7, 8, 3))
   kernel = jnp.zeros((3, 3, 1, 3))
