@@ -136,9 +136,123 @@ def _spatial_mean_backward(height_width, _, dy_BxC):
 _spatial_mean.defvjp(_spatial_mean_forward, _spatial_mean_backward)
 
 
-def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.Rngs) -> nnx.Conv:
-  """Returns a bias-free 3x3 nnx.Conv padded like PyTorch's padding=1."""
-  return nnx.Conv(
+def _pad_hw(x_BxHxWxC: jax.Array) -> jax.Array:
+  return jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _conv3x3_lax(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      x_BxHxWxC,
+      kernel_3x3xCxD,
+      window_strides=(1, 1),
+      padding=((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional
+# Neural Networks", 2016): output tile = A^T [(G g G^T) * (B^T d B)] A for each 4x4 input
+# tile d and 3x3 filter g, 16 products per 2x2 outputs instead of 36.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(coefficients: tuple[int, ...], terms: list[jax.Array]) -> jax.Array:
+  """sum_i coefficients[i] * terms[i], skipping the zero coefficients."""
+  return sum(c * t for c, t in zip(coefficients, terms) if c)
+
+
+@jax.custom_vjp
+def conv3x3_winograd(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:
+  """3x3 convolution, stride 1, padding 1, by Winograd's F(2x2, 3x3).
+
+  The sixteen products per tile are sixteen matrix products over all tiles at once, and the
+  input and output transforms sums of strided slices that XLA fuses into single passes. On
+  XLA:CPU this beats its 3x3 convolution from 32 channels on (which keeps to one core here);
+  with 16 or fewer channels the products are too narrow (BENCHMARKS.md). The backward pass
+  is XLA's own convolution gradient: autodiff through the transforms was slower.
+
+  Args:
+    x_BxHxWxC: input images; H and W even.
+    kernel_3x3xCxD: the filters, HWIO.
+
+  Returns:
+    The convolved images (B, H, W, D), equal to XLA's convolution up to float rounding.
+  """
+  batch, height, width, channels = x_BxHxWxC.shape
+  tiles_shape = (batch, height // 2, width // 2)
+  x_pad = _pad_hw(x_BxHxWxC)
+  # d[r][c][b, p, q] = x_pad[b, 2p + r, 2q + c]: element (r, c) of every 4x4 input tile.
+  d = [[x_pad[:, r : r + height : 2, c : c + width : 2, :] for c in range(4)] for r in range(4)]
+  bt_d = [
+      [_combine(_WINOGRAD_BT[i], [d[r][c] for r in range(4)]) for c in range(4)] for i in range(4)
+  ]
+  # The filter transform G g G^T as sums too: as an einsum XLA:CPU ran it as slow, oddly laid
+  # out matrix products.
+  g_rows = [_combine(_WINOGRAD_G[i], [kernel_3x3xCxD[r] for r in range(3)]) for i in range(4)]
+  filters = [
+      [_combine(_WINOGRAD_G[j], [g_rows[i][s] for s in range(3)]) for j in range(4)]
+      for i in range(4)
+  ]
+  products = [
+      [
+          (_combine(_WINOGRAD_BT[j], bt_d[i]).reshape(-1, channels) @ filters[i][j]).reshape(
+              *tiles_shape, -1
+          )
+          for j in range(4)
+      ]
+      for i in range(4)
+  ]
+  at_m = [
+      [_combine(_WINOGRAD_AT[a], [products[i][j] for i in range(4)]) for j in range(4)]
+      for a in range(2)
+  ]
+  outputs = [_combine(_WINOGRAD_AT[b], at_m[a]) for a in range(2) for b in range(2)]
+  # out[:, 2p + a, 2q + b] = outputs[2a + b][:, p, q]; the transpose fuses with the sums above.
+  outputs_2x2xBxPxQxD = jnp.stack(outputs).reshape(2, 2, *outputs[0].shape)
+  return outputs_2x2xBxPxQxD.transpose(2, 3, 0, 4, 1, 5).reshape(batch, height, width, -1)
+
+
+def _conv3x3_winograd_forward(x_BxHxWxC, kernel_3x3xCxD):
+  return conv3x3_winograd(x_BxHxWxC, kernel_3x3xCxD), (x_BxHxWxC, kernel_3x3xCxD)
+
+
+def _conv3x3_winograd_backward(residuals, dy_BxHxWxD):
+  _, conv_vjp = jax.vjp(_conv3x3_lax, *residuals)
+  return conv_vjp(dy_BxHxWxD)
+
+
+conv3x3_winograd.defvjp(_conv3x3_winograd_forward, _conv3x3_winograd_backward)
+
+
+class Conv3x3(nnx.Conv):
+  """nnx.Conv with a 3x3 kernel, padding 1 and no bias; on CPU, Winograd's where it pays.
+
+  Same parameters and results as nnx.Conv (tests/test_layers.py). On CPU, float32
+  convolutions at stride 1 with even height and width and more than 16 channels in or out
+  run as `conv3x3_winograd`.
+  """
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the convolution to channels-last images."""
+    x, kernel = self.promote_dtype((x_BxHxWxC, self.kernel[...]), dtype=self.dtype)
+    _, height, width, _ = x.shape
+    if (
+        jax.default_backend() == "cpu"
+        and self.strides in (1, (1, 1))
+        and x.dtype == jnp.float32
+        and height % 2 == 0
+        and width % 2 == 0
+        and max(self.in_features, self.out_features) > 16
+    ):
+      return conv3x3_winograd(x, kernel)
+    return super().__call__(x_BxHxWxC)
+
+
+def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.Rngs) -> Conv3x3:
+  """Returns a bias-free 3x3 Conv3x3 padded like PyTorch's padding=1."""
+  return Conv3x3(
       in_features,
       out_features,
       kernel_size=(3, 3),
@@ -147,10 +261,6 @@ def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.
       use_bias=False,
       rngs=rngs,
   )
-
-
-def _pad_hw(x_BxHxWxC: jax.Array) -> jax.Array:
-  return jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
 def _shifted_sum(

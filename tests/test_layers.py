@@ -125,6 +125,44 @@ def test_pointwise_init_and_size_match_nnx_conv():
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 8, 20, 24), (1, 4, 2, 3, 17)])
+def test_winograd_conv_matches_lax_conv(shape):
+  batch, height, width, cin, cout = shape
+  x = _normal((batch, height, width, cin))
+  kernel = _normal((3, 3, cin, cout), seed=1)
+  via_lax = lambda x, kernel, stride: layers._conv3x3_lax(x, kernel)
+  via_winograd = lambda x, kernel, stride: layers.conv3x3_winograd(x, kernel)
+  out_a, (dx_a, dk_a) = _values_and_grads(via_winograd, x, kernel, 1)
+  out_b, (dx_b, dk_b) = _values_and_grads(via_lax, x, kernel, 1)
+  # The transforms add and subtract whole tiles, so rounding is relative to their magnitude.
+  tol = dict(rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out_a, out_b, **tol)
+  np.testing.assert_allclose(dx_a, dx_b, **tol)
+  np.testing.assert_allclose(dk_a, dk_b, **tol)
+
+
+def _primitive_names(fn, *args):
+  return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+@pytest.mark.parametrize(
+    "cin, cout, strides, size, winograd",
+    [(20, 24, 1, 6, True), (16, 16, 1, 6, False), (20, 24, 2, 6, False), (20, 24, 1, 5, False)],
+)
+def test_conv3x3_matches_nnx_conv_and_takes_winograd_where_it_pays(
+    cin, cout, strides, size, winograd
+):
+  layer = layers.conv3x3(cin, cout, strides=strides, rngs=nnx.Rngs(0))
+  reference = nnx.Conv(
+      cin, cout, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False, rngs=nnx.Rngs(0)
+  )
+  np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
+  x = _normal((2, size, size, cin))
+  np.testing.assert_allclose(layer(x), reference(x), rtol=1e-5, atol=1e-4)
+  # On CPU (where the tests run) only stride-1, even-sized, wider than 16-channel convs pay.
+  assert ("conv_general_dilated" not in _primitive_names(layer, x)) == winograd
+
+
 def _batch_norm_pair(features):
   """kd_jax's BatchNorm and nnx.BatchNorm with the same settings and a non-trivial state."""
   ours = layers.batch_norm(features, rngs=nnx.Rngs(0))
