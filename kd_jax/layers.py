@@ -239,14 +239,15 @@ class Conv3x3(nnx.Conv):
     x, kernel = self.promote_dtype((x_BxHxWxC, self.kernel[...]), dtype=self.dtype)
     _, height, width, _ = x.shape
     if (
-        jax.default_backend() == "cpu"
-        and self.strides in (1, (1, 1))
+        self.strides in (1, (1, 1))
         and x.dtype == jnp.float32
         and height % 2 == 0
         and width % 2 == 0
         and max(self.in_features, self.out_features) > 16
     ):
-      return conv3x3_winograd(x, kernel)
+      # Chosen when lowering for a platform, so that an exported model takes each
+      # platform's own (the TensorFlow and JAX exports hold CPU and CUDA).
+      return jax.lax.platform_dependent(x, kernel, cpu=conv3x3_winograd, default=_conv3x3_lax)
     return super().__call__(x_BxHxWxC)
 
 
@@ -397,13 +398,16 @@ class DepthwiseConv(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the convolution to channels-last images."""
-    # XLA's CPU grouped convolution is ~40x slower than the shifted sum.
-    if jax.default_backend() == "cpu":
-      conv = depthwise_conv_shifted
-    else:
-      conv = depthwise_conv_grouped
     # In the input's precision (bfloat16 under mixed precision); the weights stay float32.
-    return conv(x_BxHxWxC, self.kernel[...].astype(x_BxHxWxC.dtype), self.strides)
+    kernel = self.kernel[...].astype(x_BxHxWxC.dtype)
+    # XLA's CPU grouped convolution is ~40x slower than the shifted sum. The choice is made
+    # when lowering for a platform, so that an exported model takes each platform's own.
+    return jax.lax.platform_dependent(
+        x_BxHxWxC,
+        kernel,
+        cpu=functools.partial(depthwise_conv_shifted, stride=self.strides),
+        default=functools.partial(depthwise_conv_grouped, stride=self.strides),
+    )
 
 
 class PointwiseConv(nnx.Module):
