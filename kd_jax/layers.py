@@ -226,24 +226,30 @@ def _conv3x3_winograd_backward(residuals, dy_BxHxWxD):
 conv3x3_winograd.defvjp(_conv3x3_winograd_forward, _conv3x3_winograd_backward)
 
 
+# Output tiles from which Winograd's form pays on CPU (batch 128 at 8x8): below, a layer saves
+# a fraction of a millisecond per step and adds ~0.2 s of compile time (BENCHMARKS.md).
+_WINOGRAD_MIN_TILES = 2048
+
+
 class Conv3x3(nnx.Conv):
   """nnx.Conv with a 3x3 kernel, padding 1 and no bias; on CPU, Winograd's where it pays.
 
   Same parameters and results as nnx.Conv (tests/test_layers.py). On CPU, float32
-  convolutions at stride 1 with even height and width and more than 16 channels in or out
-  run as `conv3x3_winograd`.
+  convolutions at stride 1 with even height and width, more than 16 channels in or out and
+  at least _WINOGRAD_MIN_TILES 2x2 output tiles run as `conv3x3_winograd`.
   """
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the convolution to channels-last images."""
     x, kernel = self.promote_dtype((x_BxHxWxC, self.kernel[...]), dtype=self.dtype)
-    _, height, width, _ = x.shape
+    batch, height, width, _ = x.shape
     if (
         self.strides in (1, (1, 1))
         and x.dtype == jnp.float32
         and height % 2 == 0
         and width % 2 == 0
         and max(self.in_features, self.out_features) > 16
+        and batch * (height // 2) * (width // 2) >= _WINOGRAD_MIN_TILES
     ):
       # Chosen when lowering for a platform, so that an exported model takes each
       # platform's own (the TensorFlow and JAX exports hold CPU and CUDA).

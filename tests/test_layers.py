@@ -149,7 +149,13 @@ def test_winograd_conv_matches_lax_conv(shape):
 
 @pytest.mark.parametrize(
     "cin, cout, strides, size, winograd",
-    [(20, 24, 1, 6, True), (16, 16, 1, 6, False), (20, 24, 2, 6, False), (20, 24, 1, 5, False)],
+    [
+        (20, 24, 1, 64, True),
+        (16, 16, 1, 64, False),
+        (20, 24, 2, 64, False),
+        (20, 24, 1, 63, False),
+        (20, 24, 1, 62, False),  # 1,922 output tiles, too few to pay
+    ],
 )
 def test_conv3x3_matches_nnx_conv_and_takes_winograd_where_it_pays(
     cin, cout, strides, size, winograd
@@ -161,7 +167,8 @@ def test_conv3x3_matches_nnx_conv_and_takes_winograd_where_it_pays(
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
   x = _normal((2, size, size, cin))
   np.testing.assert_allclose(layer(x), reference(x), rtol=1e-5, atol=1e-4)
-  # On CPU only stride-1, even-sized, wider than 16-channel convs take Winograd's form.
+  # On CPU only stride-1, even-sized, wider than 16-channel convs with enough tiles take
+  # Winograd's form.
   assert _lowers_to_convolution(layer, x, "cpu") != winograd
   assert _lowers_to_convolution(layer, x, "cuda")
 
