@@ -226,8 +226,9 @@ def _conv3x3_winograd_backward(residuals, dy_BxHxWxD):
 conv3x3_winograd.defvjp(_conv3x3_winograd_forward, _conv3x3_winograd_backward)
 
 
-# Output tiles from which Winograd's form pays on CPU (batch 128 at 8x8): below, a layer saves
-# a fraction of a millisecond per step and adds ~0.2 s of compile time (BENCHMARKS.md).
+# Output tiles from which kd_jax takes Winograd's form on CPU (batch 128 at 8x8). Below, a
+# layer saves at most ~1 ms per step for ~0.17 s more compile time, which small problems
+# (evaluation batches, short runs, tests) do not earn back (BENCHMARKS.md).
 _WINOGRAD_MIN_TILES = 2048
 
 
