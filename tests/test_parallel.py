@@ -153,6 +153,39 @@ def test_two_steps_on_four_devices_equal_one_device():
   assert report["variable_diff"] < 1e-5
 
 
+_WINOGRAD_PROBE = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from kd_jax import layers, parallel
+from jax.sharding import Mesh
+
+mesh = Mesh(np.array(jax.devices()), (parallel.DATA_AXIS,))
+layer = layers.conv3x3(32, 32, rngs=nnx.Rngs(0))
+x = np.random.default_rng(0).standard_normal((128, 8, 8, 32), np.float32)
+x_sharded = jax.device_put(x, parallel.batch_sharding(mesh))
+loss = lambda conv, x: jnp.sum(conv(x) ** 2)
+winograd = jax.jit(jax.value_and_grad(lambda x: loss(layer, x)))
+(value, grad) = winograd(x_sharded)
+(expected, expected_grad) = jax.value_and_grad(
+    lambda x: loss(lambda x: layers._conv3x3_lax(x, layer.kernel[...]), x)
+)(x)
+print(json.dumps({
+    "devices": len(grad.sharding.device_set),
+    "value_rel": abs(float(value) - float(expected)) / abs(float(expected)),
+    "grad_rel": float(jnp.max(jnp.abs(grad - expected_grad)) / jnp.max(jnp.abs(expected_grad))),
+}))
+"""
+
+
+def test_winograd_conv_on_a_batch_split_over_four_devices():
+  # 128 x 4 x 4 output tiles: the layer takes Winograd's form (tests/test_layers.py).
+  report = json.loads(_python_on_four_devices("-c", _WINOGRAD_PROBE).stdout.splitlines()[-1])
+  assert report["devices"] == 4
+  assert report["value_rel"] < 1e-5
+  assert report["grad_rel"] < 1e-5
+
+
 def test_batch_not_divisible_by_devices_names_valid_sizes(tmp_path):
   result = subprocess.run(
       [
