@@ -53,7 +53,7 @@ def _jax_rates(repeats: int) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from kd_jax import layers
+  from kd_jax import ops
 
   def chain(conv):
     def run(x, kernels):
@@ -65,7 +65,7 @@ def _jax_rates(repeats: int) -> dict:
 
   rng = np.random.default_rng(0)
   rates = {}
-  convs = {"xla_conv": layers._conv3x3_lax, "winograd": layers.conv3x3_winograd}
+  convs = {"xla_conv": ops.conv3x3_lax, "winograd": ops.conv3x3_winograd}
   for size, channels in STAGES:
     x = jnp.asarray(rng.standard_normal((BATCH, size, size, channels), np.float32))
     kernels = [

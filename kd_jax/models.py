@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import jax
 from flax import nnx
 
-from kd_jax import layers
+from kd_jax import layers, ops
 from kd_jax.errors import UserInputError
 
 
@@ -53,7 +53,7 @@ class DSConvStudent(nnx.Module):
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the logits (B, num_classes) for images (B, H, W, C)."""
     x = self.block3(self.block2(self.block1(x_BxHxWxC)))
-    return self.fc(layers.global_avg_pool(x))
+    return self.fc(ops.global_avg_pool(x))
 
 
 class CifarResNet(nnx.Module):
@@ -98,7 +98,7 @@ class CifarResNet(nnx.Module):
     x = nnx.relu(self.stem_bn(self.stem_conv(x_BxHxWxC)))
     for block in self.blocks:
       x = block(x)
-    return self.fc(layers.global_avg_pool(x))
+    return self.fc(ops.global_avg_pool(x))
 
 
 class WideResNet(nnx.Module):
@@ -146,7 +146,7 @@ class WideResNet(nnx.Module):
     for block in self.blocks:
       x = block(x)
     x = nnx.relu(self.final_bn(x))
-    return self.fc(layers.global_avg_pool(x))
+    return self.fc(ops.global_avg_pool(x))
 
 
 class ImageNetResNet(nnx.Module):
@@ -199,7 +199,7 @@ class ImageNetResNet(nnx.Module):
     x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
       x = block(x)
-    return self.fc(layers.global_avg_pool(x))
+    return self.fc(ops.global_avg_pool(x))
 
 
 # (expansion ratio, channels, blocks, first stride) of each MobileNetV2 stage.
@@ -251,7 +251,7 @@ class MobileNetV2(nnx.Module):
     for block in self.blocks:
       x = block(x)
     x = nnx.relu6(self.head_bn(self.head_conv(x)))
-    return self.fc(layers.global_avg_pool(x))
+    return self.fc(ops.global_avg_pool(x))
 
 
 _RESNET_WIDTHS = (16, 16, 32, 64)

@@ -1,8 +1,11 @@
-"""A small quickstart run shared by the pipeline and checkpoint tests."""
+"""Shared test fixtures and helpers: a small quickstart run, random arrays, conv gradients."""
 
+import functools
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import quickstart
@@ -66,3 +69,22 @@ def quickstart_run(tmp_path_factory):
   """(workdir, report) of one uninterrupted small quickstart run."""
   workdir = str(tmp_path_factory.mktemp("quickstart"))
   return workdir, pipeline.train_and_evaluate(small_config(**{"export.enabled": True}), workdir)
+
+
+def normal(shape, seed=0):
+  """Standard-normal float32 test data; NumPy, not jax.random, whose per-shape compile dominates."""
+  return np.random.default_rng(seed).standard_normal(shape, np.float32)
+
+
+def random_cotangent(shape):
+  """A fixed random output weighting, so grads test every output element."""
+  return normal(shape, seed=2)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def values_and_grads(conv, x, kernel, stride):
+  """Returns conv's output and the grads of a random projection of it."""
+  out = conv(x, kernel, stride)
+  cotangent = random_cotangent(out.shape)
+  grads = jax.grad(lambda x, k: jnp.sum(conv(x, k, stride) * cotangent), argnums=(0, 1))(x, kernel)
+  return out, grads

@@ -1,6 +1,4 @@
-"""Tests for kd_jax.layers: the fast conv paths against XLA's convolutions, BatchNorm against nnx."""
-
-import functools
+"""Tests for kd_jax.layers: the modules against nnx's and XLA's, and the CPU paths they take."""
 
 import jax
 import jax.numpy as jnp
@@ -8,80 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kd_jax import layers
+from conftest import normal, random_cotangent, values_and_grads
+from kd_jax import layers, ops
 
 _TOL = dict(rtol=1e-5, atol=1e-5)
-
-
-def _normal(shape, seed=0):
-  # NumPy, not jax.random: compiling a sampler per shape dominates test time.
-  return np.random.default_rng(seed).standard_normal(shape, np.float32)
-
-
-def _cotangent(shape):
-  """A fixed random output weighting, so grads test every output element."""
-  return _normal(shape, seed=2)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _values_and_grads(conv, x, kernel, stride):
-  """Returns conv's output and the grads of a random projection of it."""
-  out = conv(x, kernel, stride)
-  cotangent = _cotangent(out.shape)
-  grads = jax.grad(lambda x, k: jnp.sum(conv(x, k, stride) * cotangent), argnums=(0, 1))(x, kernel)
-  return out, grads
-
-
-def _assert_same_values_and_grads(conv_a, conv_b, x, kernel, stride):
-  out_a, (dx_a, dk_a) = _values_and_grads(conv_a, x, kernel, stride)
-  out_b, (dx_b, dk_b) = _values_and_grads(conv_b, x, kernel, stride)
-  assert out_a.shape == out_b.shape
-  np.testing.assert_allclose(out_a, out_b, **_TOL)
-  np.testing.assert_allclose(dx_a, dx_b, **_TOL)
-  np.testing.assert_allclose(dk_a, dk_b, **_TOL)
-
-
-@pytest.mark.parametrize("stride", [1, 2])
-# 20 rows are summed in two groups of 10, 17 (prime) one row at a time.
-@pytest.mark.parametrize("size", [7, 8, 17, 20])
-def test_depthwise_shifted_matches_grouped_conv(stride, size):
-  x = _normal((2, size, size + 1, 5))
-  kernel = _normal((3, 3, 1, 5), seed=1)
-  _assert_same_values_and_grads(
-      layers.depthwise_conv_shifted,
-      layers.depthwise_conv_grouped,
-      x,
-      kernel,
-      stride,
-  )
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_global_avg_pool_matches_mean_values_and_grads(dtype):
-  x = jnp.asarray(_normal((3, 5, 7, 4)), dtype)
-  cotangent = jnp.asarray(_cotangent((3, 4)), dtype)
-
-  def value_and_grad(pool):
-    return jax.value_and_grad(lambda x: jnp.sum(pool(x).astype(jnp.float32) * cotangent))(x)
-
-  pooled = layers.global_avg_pool(x)
-  assert pooled.shape == (3, 4) and pooled.dtype == dtype
-  expected = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
-  tol = _TOL if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
-  np.testing.assert_allclose(pooled.astype(np.float32), expected.astype(np.float32), **tol)
-  (_, grad), (_, expected_grad) = (
-      value_and_grad(layers.global_avg_pool),
-      value_and_grad(lambda x: jnp.mean(x, axis=(1, 2))),
-  )
-  assert grad.dtype == dtype
-  np.testing.assert_allclose(grad.astype(np.float32), expected_grad.astype(np.float32), **tol)
-
-
-def test_depthwise_output_shape_matches_pytorch_padding_1():
-  x = jnp.zeros((1, 7, 8, 3))
-  kernel = jnp.zeros((3, 3, 1, 3))
-  # PyTorch: floor((H + 2*1 - 3) / s) + 1.
-  assert layers.depthwise_conv_shifted(x, kernel, 2).shape == (1, 4, 4, 3)
 
 
 def _lowers_to_convolution(fn, x, platform):
@@ -94,8 +22,8 @@ def test_depthwise_module_matches_grouped_conv_and_nnx_conv_init():
   layer = layers.DepthwiseConv(4, strides=2, rngs=nnx.Rngs(0))
   reference = nnx.Conv(4, 4, (3, 3), feature_group_count=4, use_bias=False, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
-  x = _normal((2, 9, 9, 4))
-  expected = layers.depthwise_conv_grouped(x, layer.kernel[...], 2)
+  x = normal((2, 9, 9, 4))
+  expected = ops.depthwise_conv_grouped(x, layer.kernel[...], 2)
   np.testing.assert_allclose(layer(x), expected, **_TOL)
   assert not _lowers_to_convolution(layer, x, "cpu")
   assert _lowers_to_convolution(layer, x, "cuda")
@@ -114,12 +42,12 @@ def _pointwise_via_lax(x, kernel, stride):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_pointwise_matches_lax_conv(stride):
   layer = layers.PointwiseConv(5, 3, strides=stride, rngs=nnx.Rngs(0))
-  x = _normal((2, 7, 6, 5))
+  x = normal((2, 7, 6, 5))
   kernel = layer.kernel[...]
-  expected, (dx_expected, dk_expected) = _values_and_grads(_pointwise_via_lax, x, kernel, stride)
+  expected, (dx_expected, dk_expected) = values_and_grads(_pointwise_via_lax, x, kernel, stride)
   np.testing.assert_allclose(layer(x), expected, **_TOL)
 
-  cotangent = _cotangent(expected.shape)
+  cotangent = random_cotangent(expected.shape)
   grads, dx = nnx.grad(lambda layer, x: jnp.sum(layer(x) * cotangent), argnums=(0, 1))(layer, x)
   np.testing.assert_allclose(dx, dx_expected, **_TOL)
   np.testing.assert_allclose(grads["kernel"][...], dk_expected, **_TOL)
@@ -129,22 +57,6 @@ def test_pointwise_init_and_size_match_nnx_conv():
   layer = layers.PointwiseConv(6, 4, rngs=nnx.Rngs(0))
   reference = nnx.Conv(6, 4, (1, 1), use_bias=False, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
-
-
-@pytest.mark.parametrize("shape", [(2, 6, 8, 20, 24), (1, 4, 2, 3, 17)])
-def test_winograd_conv_matches_lax_conv(shape):
-  batch, height, width, cin, cout = shape
-  x = _normal((batch, height, width, cin))
-  kernel = _normal((3, 3, cin, cout), seed=1)
-  via_lax = lambda x, kernel, stride: layers._conv3x3_lax(x, kernel)
-  via_winograd = lambda x, kernel, stride: layers.conv3x3_winograd(x, kernel)
-  out_a, (dx_a, dk_a) = _values_and_grads(via_winograd, x, kernel, 1)
-  out_b, (dx_b, dk_b) = _values_and_grads(via_lax, x, kernel, 1)
-  # The transforms add and subtract whole tiles, so rounding is relative to their magnitude.
-  tol = dict(rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(out_a, out_b, **tol)
-  np.testing.assert_allclose(dx_a, dx_b, **tol)
-  np.testing.assert_allclose(dk_a, dk_b, **tol)
 
 
 @pytest.mark.parametrize(
@@ -165,7 +77,7 @@ def test_conv3x3_matches_nnx_conv_and_takes_winograd_where_it_pays(
       cin, cout, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False, rngs=nnx.Rngs(0)
   )
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
-  x = _normal((2, size, size, cin))
+  x = normal((2, size, size, cin))
   np.testing.assert_allclose(layer(x), reference(x), rtol=1e-5, atol=1e-4)
   # On CPU only stride-1, even-sized, wider than 16-channel convs with enough tiles take
   # Winograd's form.
@@ -178,8 +90,8 @@ def _batch_norm_pair(features):
   ours = layers.batch_norm(features, rngs=nnx.Rngs(0))
   reference = nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, rngs=nnx.Rngs(0))
   for bn in (ours, reference):
-    bn.scale[...] = jnp.asarray(_normal((features,), seed=3)) + 2.0
-    bn.bias[...] = jnp.asarray(_normal((features,), seed=4))
+    bn.scale[...] = jnp.asarray(normal((features,), seed=3)) + 2.0
+    bn.bias[...] = jnp.asarray(normal((features,), seed=4))
     bn.mean[...] = jnp.full((features,), 0.5)
     bn.var[...] = jnp.full((features,), 2.0)
   return ours, reference
@@ -203,8 +115,8 @@ def _train_call_and_grads(bn, x, cotangent):
 def test_batch_norm_matches_nnx_batch_norm_in_training():
   ours, reference = _batch_norm_pair(6)
   # Off-centre, so that the mean and variance terms of the gradient matter.
-  x = jnp.asarray(_normal((4, 5, 3, 6))) * 3.0 + 1.5
-  cotangent = _cotangent((4, 5, 3, 6))
+  x = jnp.asarray(normal((4, 5, 3, 6))) * 3.0 + 1.5
+  cotangent = random_cotangent((4, 5, 3, 6))
   got = _train_call_and_grads(ours, x, cotangent)
   want = _train_call_and_grads(reference, x, cotangent)
   for name, a, b in zip(("output", "dx", "dscale", "dbias"), got[:4], want[:4]):
@@ -215,7 +127,7 @@ def test_batch_norm_matches_nnx_batch_norm_in_training():
 
 def test_batch_norm_matches_nnx_batch_norm_in_eval_and_bfloat16():
   ours, reference = _batch_norm_pair(3)
-  x = jnp.asarray(_normal((8, 2, 2, 3))) + 1.0
+  x = jnp.asarray(normal((8, 2, 2, 3))) + 1.0
   ours.eval()
   reference.eval()
   np.testing.assert_allclose(ours(x), reference(x), rtol=1e-6)
@@ -223,8 +135,8 @@ def test_batch_norm_matches_nnx_batch_norm_in_eval_and_bfloat16():
   reference.train()
   ours.dtype = reference.dtype = jnp.bfloat16  # as network.create_network sets it
   x16 = x.astype(jnp.bfloat16)
-  out, dx, *_ = _train_call_and_grads(ours, x16, _cotangent(x.shape))
-  out_ref, dx_ref, *_ = _train_call_and_grads(reference, x16, _cotangent(x.shape))
+  out, dx, *_ = _train_call_and_grads(ours, x16, random_cotangent(x.shape))
+  out_ref, dx_ref, *_ = _train_call_and_grads(reference, x16, random_cotangent(x.shape))
   assert out.dtype == out_ref.dtype == jnp.bfloat16 and dx.dtype == jnp.bfloat16
   # Within a bfloat16 rounding (8 significant bits) of each other.
   bf16 = dict(rtol=2**-7, atol=2**-7)
@@ -245,5 +157,5 @@ def test_dsconv_shape_and_batch_norm_settings():
 def test_residual_blocks(block_cls, cin, cout, stride, has_shortcut):
   block = block_cls(cin, cout, strides=stride, rngs=nnx.Rngs(0))
   assert (block.shortcut is not None) == has_shortcut
-  out = block(_normal((2, 8, 8, cin)))
+  out = block(normal((2, 8, 8, cin)))
   assert out.shape == (2, 8 // stride, 8 // stride, cout)

@@ -157,7 +157,7 @@ _WINOGRAD_PROBE = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from kd_jax import layers, parallel
+from kd_jax import layers, ops, parallel
 from jax.sharding import Mesh
 
 mesh = Mesh(np.array(jax.devices()), (parallel.DATA_AXIS,))
@@ -168,7 +168,7 @@ loss = lambda conv, x: jnp.sum(conv(x) ** 2)
 winograd = jax.jit(jax.value_and_grad(lambda x: loss(layer, x)))
 (value, grad) = winograd(x_sharded)
 (expected, expected_grad) = jax.value_and_grad(
-    lambda x: loss(lambda x: layers._conv3x3_lax(x, layer.kernel[...]), x)
+    lambda x: loss(lambda x: ops.conv3x3_lax(x, layer.kernel[...]), x)
 )(x)
 print(json.dumps({
     "devices": len(grad.sharding.device_set),

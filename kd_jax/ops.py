@@ -1,0 +1,309 @@
+"""Array functions under kd_jax's layers, in the forms XLA:CPU runs fastest.
+
+Batch normalisation, the global average pool, the 3x3 convolution by Winograd's
+F(2x2, 3x3) and the 3x3 depthwise convolution as shifted multiply-adds, most with a
+written gradient (BENCHMARKS.md says why each looks as it does), and XLA's own
+convolutions to set beside them. Each equals its plain formulation in values and
+gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_with_batch_stats(
+    x_NxC: jax.Array, scale_C: jax.Array, bias_C: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Batch normalisation of the rows of x with their own statistics.
+
+  The forward pass is nnx.BatchNorm's in training mode (statistics in at least
+  float32, variance as E[x^2] - E[x]^2 clipped at 0); the backward pass is the
+  textbook closed form with two reductions, where autodiff of the forward pass
+  leaves XLA:CPU about twice the work (BENCHMARKS.md).
+
+  Args:
+    x_NxC: the rows to normalise, one column per feature.
+    scale_C: per-feature scale.
+    bias_C: per-feature bias.
+    epsilon: added to the variance.
+
+  Returns:
+    (y_NxC in x's dtype, batch mean_C, batch variance_C); the statistics carry
+    no gradient (they only feed the running averages).
+  """
+  return _normalize_forward(x_NxC, scale_C, bias_C, epsilon)[0]
+
+
+def _normalize_forward(x_NxC, scale_C, bias_C, epsilon):
+  x32_NxC = x_NxC.astype(jnp.promote_types(x_NxC.dtype, jnp.float32))
+  mean_C = x32_NxC.mean(axis=0)
+  var_C = jnp.maximum(0.0, jnp.mean(x32_NxC * x32_NxC, axis=0) - mean_C * mean_C)
+  inv_std_C = jax.lax.rsqrt(var_C + epsilon)
+  y_NxC = ((x32_NxC - mean_C) * (inv_std_C * scale_C) + bias_C).astype(x_NxC.dtype)
+  return (y_NxC, mean_C, var_C), (x_NxC, mean_C, inv_std_C, scale_C)
+
+
+def _normalize_backward(epsilon, residuals, cotangents):
+  del epsilon  # only in inv_std
+  x_NxC, mean_C, inv_std_C, scale_C = residuals
+  # The statistics' cotangents are zero: they only feed the running averages.
+  dy_NxC = cotangents[0].astype(mean_C.dtype)
+  x_hat_NxC = (x_NxC.astype(mean_C.dtype) - mean_C) * inv_std_C
+  dbias_C = dy_NxC.sum(axis=0)
+  dscale_C = (dy_NxC * x_hat_NxC).sum(axis=0)
+  rows = x_NxC.shape[0]
+  dx_NxC = (scale_C * inv_std_C) * (dy_NxC - dbias_C / rows - x_hat_NxC * (dscale_C / rows))
+  return (
+      dx_NxC.astype(x_NxC.dtype),
+      dscale_C.astype(scale_C.dtype),
+      dbias_C.astype(scale_C.dtype),
+  )
+
+
+normalize_with_batch_stats.defvjp(_normalize_forward, _normalize_backward)
+
+
+def global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:
+  """Mean over the spatial axes, (B, H, W, C) -> (B, C), accumulated in at least float32.
+
+  The models pool with it where RepDistiller's AvgPool2d(8) assumes 32x32 inputs.
+  """
+  return _spatial_mean(x_BxHxWxC, x_BxHxWxC.shape[1:3])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _spatial_mean(x_BxHxWxC: jax.Array, height_width: tuple[int, int]) -> jax.Array:
+  height, width = height_width
+  x32 = x_BxHxWxC.astype(jnp.promote_types(x_BxHxWxC.dtype, jnp.float32))
+  # Rows as explicit adds, which XLA:CPU fuses into one pass with what produced x; its
+  # reduction over the two middle axes ran at a third of that speed (BENCHMARKS.md).
+  rows_BxWxC = sum(x32[:, h] for h in range(height))
+  return (rows_BxWxC.sum(axis=1) / (height * width)).astype(x_BxHxWxC.dtype)
+
+
+def _spatial_mean_forward(x_BxHxWxC, height_width):
+  return _spatial_mean(x_BxHxWxC, height_width), None
+
+
+def _spatial_mean_backward(height_width, _, dy_BxC):
+  height, width = height_width
+  batch, channels = dy_BxC.shape
+  # The broadcast autodiff of a mean would give; autodiff of the row sum pads each row.
+  dx = jnp.broadcast_to(
+      dy_BxC[:, None, None, :] / (height * width), (batch, height, width, channels)
+  )
+  return (dx.astype(dy_BxC.dtype),)
+
+
+_spatial_mean.defvjp(_spatial_mean_forward, _spatial_mean_backward)
+
+
+def _pad_hw(x_BxHxWxC: jax.Array) -> jax.Array:
+  return jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def conv3x3_lax(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:
+  """3x3 convolution, stride 1, padding 1, as XLA's convolution (kernel HWIO)."""
+  return jax.lax.conv_general_dilated(
+      x_BxHxWxC,
+      kernel_3x3xCxD,
+      window_strides=(1, 1),
+      padding=((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
+
+
+# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional
+# Neural Networks", 2016): output tile = A^T [(G g G^T) * (B^T d B)] A for each 4x4 input
+# tile d and 3x3 filter g, 16 products per 2x2 outputs instead of 36.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _combine(coefficients: tuple[int, ...], terms: list[jax.Array]) -> jax.Array:
+  """sum_i coefficients[i] * terms[i], skipping the zero coefficients."""
+  return sum(c * t for c, t in zip(coefficients, terms) if c)
+
+
+@jax.custom_vjp
+def conv3x3_winograd(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:
+  """3x3 convolution, stride 1, padding 1, by Winograd's F(2x2, 3x3).
+
+  The sixteen products per tile are sixteen matrix products over all tiles at once, and the
+  input and output transforms sums of strided slices that XLA fuses into single passes. On
+  XLA:CPU this beats its 3x3 convolution from 32 channels on (which keeps to one core here);
+  with 16 or fewer channels the products are too narrow (BENCHMARKS.md). The backward pass
+  is XLA's own convolution gradient: autodiff through the transforms was slower.
+
+  Args:
+    x_BxHxWxC: input images; H and W even.
+    kernel_3x3xCxD: the filters, HWIO.
+
+  Returns:
+    The convolved images (B, H, W, D), equal to XLA's convolution up to float rounding.
+  """
+  batch, height, width, channels = x_BxHxWxC.shape
+  tiles_shape = (batch, height // 2, width // 2)
+  x_pad = _pad_hw(x_BxHxWxC)
+  # d[r][c][b, p, q] = x_pad[b, 2p + r, 2q + c]: element (r, c) of every 4x4 input tile.
+  d = [[x_pad[:, r : r + height : 2, c : c + width : 2, :] for c in range(4)] for r in range(4)]
+  bt_d = [
+      [_combine(_WINOGRAD_BT[i], [d[r][c] for r in range(4)]) for c in range(4)] for i in range(4)
+  ]
+  # The filter transform G g G^T as sums too: as an einsum XLA:CPU ran it as slow, oddly laid
+  # out matrix products.
+  g_rows = [_combine(_WINOGRAD_G[i], [kernel_3x3xCxD[r] for r in range(3)]) for i in range(4)]
+  filters = [
+      [_combine(_WINOGRAD_G[j], [g_rows[i][s] for s in range(3)]) for j in range(4)]
+      for i in range(4)
+  ]
+  products = [
+      [
+          (_combine(_WINOGRAD_BT[j], bt_d[i]).reshape(-1, channels) @ filters[i][j]).reshape(
+              *tiles_shape, -1
+          )
+          for j in range(4)
+      ]
+      for i in range(4)
+  ]
+  at_m = [
+      [_combine(_WINOGRAD_AT[a], [products[i][j] for i in range(4)]) for j in range(4)]
+      for a in range(2)
+  ]
+  outputs = [_combine(_WINOGRAD_AT[b], at_m[a]) for a in range(2) for b in range(2)]
+  # out[:, 2p + a, 2q + b] = outputs[2a + b][:, p, q]; the transpose fuses with the sums above.
+  outputs_2x2xBxPxQxD = jnp.stack(outputs).reshape(2, 2, *outputs[0].shape)
+  return outputs_2x2xBxPxQxD.transpose(2, 3, 0, 4, 1, 5).reshape(batch, height, width, -1)
+
+
+def _conv3x3_winograd_forward(x_BxHxWxC, kernel_3x3xCxD):
+  return conv3x3_winograd(x_BxHxWxC, kernel_3x3xCxD), (x_BxHxWxC, kernel_3x3xCxD)
+
+
+def _conv3x3_winograd_backward(residuals, dy_BxHxWxD):
+  _, conv_vjp = jax.vjp(conv3x3_lax, *residuals)
+  return conv_vjp(dy_BxHxWxD)
+
+
+conv3x3_winograd.defvjp(_conv3x3_winograd_forward, _conv3x3_winograd_backward)
+
+
+def _shifted_sum(
+    x_pad: jax.Array, kernel_3x3xC: jax.Array, stride: int, out_h: int, out_w: int
+) -> jax.Array:
+  """sum_{i,j} x_pad[:, h*s + i, w*s + j, :] * kernel[i, j] for each output pixel (h, w)."""
+
+  def tap(i, j):
+    rows = slice(i, i + (out_h - 1) * stride + 1, stride)
+    cols = slice(j, j + (out_w - 1) * stride + 1, stride)
+    return x_pad[:, rows, cols, :] * kernel_3x3xC[i, j]
+
+  return sum(tap(i, j) for i in range(3) for j in range(3))
+
+
+# Rows of a depthwise kernel-gradient tap summed in one elementwise pass; a divisor of the
+# height, so at most this many (static) slices per tap.
+_MAX_ROWS_PER_PASS = 16
+
+
+def _depthwise_kernel_gradient(x_pad: jax.Array, dy_BxHxWxC: jax.Array) -> jax.Array:
+  """dk[i, j, c] = sum_{b,h,w} x_pad[b, h + i, w + j, c] * dy[b, h, w, c] for a 3x3 kernel.
+
+  Each tap first sums groups of rows with explicit adds of row slices, which XLA:CPU fuses
+  into one pass that reads x_pad in place, and only then reduces what is left. Reducing
+  each tap's full product directly made XLA:CPU copy out each shifted slice of x_pad for
+  the reduction (eight copies of the layer's input per layer; BENCHMARKS.md).
+  """
+  _, height, width, channels = dy_BxHxWxC.shape
+  rows = max(k for k in range(1, _MAX_ROWS_PER_PASS + 1) if height % k == 0)
+
+  def tap_partial_sums(i, j):
+    # Row h = q * rows + r of the tap's product lands in partial sum q.
+    return sum(
+        x_pad[:, i + r : i + r + height : rows, j : j + width, :] * dy_BxHxWxC[:, r::rows]
+        for r in range(rows)
+    )
+
+  partial_sums = jnp.stack([tap_partial_sums(i, j) for i in range(3) for j in range(3)], axis=1)
+  return partial_sums.sum(axis=(0, 2, 3)).reshape(3, 3, channels)
+
+
+@jax.custom_vjp
+def _depthwise_stride1(x_BxHxWxC: jax.Array, kernel_3x3xC: jax.Array) -> jax.Array:
+  _, height, width, _ = x_BxHxWxC.shape
+  return _shifted_sum(_pad_hw(x_BxHxWxC), kernel_3x3xC, 1, height, width)
+
+
+def _depthwise_stride1_forward(x_BxHxWxC, kernel_3x3xC):
+  return _depthwise_stride1(x_BxHxWxC, kernel_3x3xC), (x_BxHxWxC, kernel_3x3xC)
+
+
+def _depthwise_stride1_backward(residuals, dy_BxHxWxC):
+  x_BxHxWxC, kernel_3x3xC = residuals
+  _, height, width, _ = x_BxHxWxC.shape
+  # The transposed convolution as the same shifted sum over the padded cotangent with
+  # the kernel flipped. Autodiff's transpose instead pads each tap's cotangent and adds
+  # the nine, and XLA:CPU fused the batch-norm backward into every one of them.
+  dy_pad = _pad_hw(dy_BxHxWxC)
+  dx_BxHxWxC = _shifted_sum(dy_pad, kernel_3x3xC[::-1, ::-1], 1, height, width)
+  dkernel_3x3xC = _depthwise_kernel_gradient(_pad_hw(x_BxHxWxC), dy_BxHxWxC)
+  return dx_BxHxWxC, dkernel_3x3xC
+
+
+_depthwise_stride1.defvjp(_depthwise_stride1_forward, _depthwise_stride1_backward)
+
+
+def depthwise_conv_shifted(
+    x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, stride: int
+) -> jax.Array:
+  """3x3 depthwise convolution (padding 1) as nine shifted multiply-adds.
+
+  Computes out[h, w] = sum_{i,j} pad(x)[h*s + i, w*s + j] * k[i, j] per
+  channel. On CPU this is far faster than XLA's grouped convolution, forward
+  and backward; at stride 1 the backward pass is written out (the transposed
+  shifted sum, and the kernel gradient from row-wise partial sums).
+
+  Args:
+    x_BxHxWxC: input images.
+    kernel_3x3x1xC: one 3x3 filter per channel.
+    stride: spatial stride (same in both directions).
+
+  Returns:
+    The convolved images, shape (B, (H-1)//stride + 1, (W-1)//stride + 1, C).
+  """
+  kernel_3x3xC = kernel_3x3x1xC[:, :, 0]
+  if stride == 1:
+    return _depthwise_stride1(x_BxHxWxC, kernel_3x3xC)
+  _, height, width, _ = x_BxHxWxC.shape
+  out_h = (height - 1) // stride + 1
+  out_w = (width - 1) // stride + 1
+  return _shifted_sum(_pad_hw(x_BxHxWxC), kernel_3x3xC, stride, out_h, out_w)
+
+
+def depthwise_conv_grouped(
+    x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, stride: int
+) -> jax.Array:
+  """3x3 depthwise convolution (padding 1) as an XLA grouped convolution.
+
+  Same result as `depthwise_conv_shifted`; the faster choice on accelerators.
+
+  Args:
+    x_BxHxWxC: input images.
+    kernel_3x3x1xC: one 3x3 filter per channel.
+    stride: spatial stride (same in both directions).
+
+  Returns:
+    The convolved images, shape (B, (H-1)//stride + 1, (W-1)//stride + 1, C).
+  """
+  return jax.lax.conv_general_dilated(
+      x_BxHxWxC,
+      kernel_3x3x1xC,
+      window_strides=(stride, stride),
+      padding=((1, 1), (1, 1)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x_BxHxWxC.shape[-1],
+  )

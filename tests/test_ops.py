@@ -1,0 +1,79 @@
+"""Tests for kd_jax.ops: each fast form against its plain formulation, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import normal, random_cotangent, values_and_grads
+from kd_jax import ops
+
+_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _assert_same_values_and_grads(conv_a, conv_b, x, kernel, stride):
+  out_a, (dx_a, dk_a) = values_and_grads(conv_a, x, kernel, stride)
+  out_b, (dx_b, dk_b) = values_and_grads(conv_b, x, kernel, stride)
+  assert out_a.shape == out_b.shape
+  np.testing.assert_allclose(out_a, out_b, **_TOL)
+  np.testing.assert_allclose(dx_a, dx_b, **_TOL)
+  np.testing.assert_allclose(dk_a, dk_b, **_TOL)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+# 20 rows are summed in two groups of 10, 17 (prime) one row at a time.
+@pytest.mark.parametrize("size", [7, 8, 17, 20])
+def test_depthwise_shifted_matches_grouped_conv(stride, size):
+  x = normal((2, size, size + 1, 5))
+  kernel = normal((3, 3, 1, 5), seed=1)
+  _assert_same_values_and_grads(
+      ops.depthwise_conv_shifted,
+      ops.depthwise_conv_grouped,
+      x,
+      kernel,
+      stride,
+  )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_global_avg_pool_matches_mean_values_and_grads(dtype):
+  x = jnp.asarray(normal((3, 5, 7, 4)), dtype)
+  cotangent = jnp.asarray(random_cotangent((3, 4)), dtype)
+
+  def value_and_grad(pool):
+    return jax.value_and_grad(lambda x: jnp.sum(pool(x).astype(jnp.float32) * cotangent))(x)
+
+  pooled = ops.global_avg_pool(x)
+  assert pooled.shape == (3, 4) and pooled.dtype == dtype
+  expected = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+  tol = _TOL if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)
+  np.testing.assert_allclose(pooled.astype(np.float32), expected.astype(np.float32), **tol)
+  (_, grad), (_, expected_grad) = (
+      value_and_grad(ops.global_avg_pool),
+      value_and_grad(lambda x: jnp.mean(x, axis=(1, 2))),
+  )
+  assert grad.dtype == dtype
+  np.testing.assert_allclose(grad.astype(np.float32), expected_grad.astype(np.float32), **tol)
+
+
+def test_depthwise_output_shape_matches_pytorch_padding_1():
+  x = jnp.zeros((1, 7, 8, 3))
+  kernel = jnp.zeros((3, 3, 1, 3))
+  # PyTorch: floor((H + 2*1 - 3) / s) + 1.
+  assert ops.depthwise_conv_shifted(x, kernel, 2).shape == (1, 4, 4, 3)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 20, 24), (1, 4, 2, 3, 17)])
+def test_winograd_conv_matches_lax_conv(shape):
+  batch, height, width, cin, cout = shape
+  x = normal((batch, height, width, cin))
+  kernel = normal((3, 3, cin, cout), seed=1)
+  via_lax = lambda x, kernel, stride: ops.conv3x3_lax(x, kernel)
+  via_winograd = lambda x, kernel, stride: ops.conv3x3_winograd(x, kernel)
+  out_a, (dx_a, dk_a) = values_and_grads(via_winograd, x, kernel, 1)
+  out_b, (dx_b, dk_b) = values_and_grads(via_lax, x, kernel, 1)
+  # The transforms add and subtract whole tiles, so rounding is relative to their magnitude.
+  tol = dict(rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(out_a, out_b, **tol)
+  np.testing.assert_allclose(dx_a, dx_b, **tol)
+  np.testing.assert_allclose(dk_a, dk_b, **tol)
