@@ -129,6 +129,15 @@ def _combine(coefficients: tuple[int, ...], terms: list[jax.Array]) -> jax.Array
   return sum(c * t for c, t in zip(coefficients, terms) if c)
 
 
+def _transform(left, grid: list[list[jax.Array]], right) -> list[list[jax.Array]]:
+  """out[i][j] = sum_{r,c} left[i][r] * grid[r][c] * right[j][c]: L X R^T over whole arrays."""
+  rows = [
+      [_combine(left_row, [grid_row[c] for grid_row in grid]) for c in range(len(grid[0]))]
+      for left_row in left
+  ]
+  return [[_combine(right_row, row) for right_row in right] for row in rows]
+
+
 @jax.custom_vjp
 def conv3x3_winograd(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:
   """3x3 convolution, stride 1, padding 1, by Winograd's F(2x2, 3x3).
@@ -151,30 +160,20 @@ def conv3x3_winograd(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Arr
   x_pad = _pad_hw(x_BxHxWxC)
   # d[r][c][b, p, q] = x_pad[b, 2p + r, 2q + c]: element (r, c) of every 4x4 input tile.
   d = [[x_pad[:, r : r + height : 2, c : c + width : 2, :] for c in range(4)] for r in range(4)]
-  bt_d = [
-      [_combine(_WINOGRAD_BT[i], [d[r][c] for r in range(4)]) for c in range(4)] for i in range(4)
-  ]
+  tiles_4x4 = _transform(_WINOGRAD_BT, d, _WINOGRAD_BT)
   # The filter transform G g G^T as sums too: as an einsum XLA:CPU ran it as slow, oddly laid
   # out matrix products.
-  g_rows = [_combine(_WINOGRAD_G[i], [kernel_3x3xCxD[r] for r in range(3)]) for i in range(4)]
-  filters = [
-      [_combine(_WINOGRAD_G[j], [g_rows[i][s] for s in range(3)]) for j in range(4)]
-      for i in range(4)
-  ]
+  kernel_grid = [[kernel_3x3xCxD[r, c] for c in range(3)] for r in range(3)]
+  filters_4x4 = _transform(_WINOGRAD_G, kernel_grid, _WINOGRAD_G)
   products = [
       [
-          (_combine(_WINOGRAD_BT[j], bt_d[i]).reshape(-1, channels) @ filters[i][j]).reshape(
-              *tiles_shape, -1
-          )
-          for j in range(4)
+          (tile.reshape(-1, channels) @ kernel_CxD).reshape(*tiles_shape, -1)
+          for tile, kernel_CxD in zip(tile_row, filter_row)
       ]
-      for i in range(4)
+      for tile_row, filter_row in zip(tiles_4x4, filters_4x4)
   ]
-  at_m = [
-      [_combine(_WINOGRAD_AT[a], [products[i][j] for i in range(4)]) for j in range(4)]
-      for a in range(2)
-  ]
-  outputs = [_combine(_WINOGRAD_AT[b], at_m[a]) for a in range(2) for b in range(2)]
+  outputs_2x2 = _transform(_WINOGRAD_AT, products, _WINOGRAD_AT)
+  outputs = [y for row in outputs_2x2 for y in row]
   # out[:, 2p + a, 2q + b] = outputs[2a + b][:, p, q]; the transpose fuses with the sums above.
   outputs_2x2xBxPxQxD = jnp.stack(outputs).reshape(2, 2, *outputs[0].shape)
   return outputs_2x2xBxPxQxD.transpose(2, 3, 0, 4, 1, 5).reshape(batch, height, width, -1)
