@@ -38,11 +38,29 @@ class BatchNorm(nnx.BatchNorm):
     y_NxC, mean_C, var_C = ops.normalize_with_batch_stats(
         x.reshape(-1, x.shape[-1]), scale, bias, self.epsilon
     )
+    self._update_running_stats(mean_C, var_C)
+    return y_NxC.reshape(x.shape)
+
+  def relu_pool(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """ops.global_avg_pool(relu(self(x))), (B, H, W, C) -> (B, C); fused in training mode.
+
+    For a network's last batch norm: in training mode `ops.normalize_relu_pool` does the
+    three in one pass with a shorter gradient; the running statistics update as in __call__.
+    """
+    if self.use_running_average:
+      return ops.global_avg_pool(nnx.relu(super().__call__(x_BxHxWxC)))
+    x, scale, bias = self.promote_dtype(
+        (x_BxHxWxC, self.scale[...], self.bias[...]), dtype=self.dtype
+    )
+    pooled_BxC, mean_C, var_C = ops.normalize_relu_pool(x, scale, bias, self.epsilon)
+    self._update_running_stats(mean_C, var_C)
+    return pooled_BxC
+
+  def _update_running_stats(self, mean_C: jax.Array, var_C: jax.Array) -> None:
     # As nnx.BatchNorm: the running averages take no gradient.
     mean_C, var_C = jax.lax.stop_gradient((mean_C, var_C))
     self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean_C
     self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var_C
-    return y_NxC.reshape(x.shape)
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> BatchNorm:
@@ -187,10 +205,16 @@ class DSConv(nnx.Module):
     self.pointwise = PointwiseConv(in_features, out_features, rngs=rngs)
     self.bn2 = batch_norm(out_features, rngs=rngs)
 
-  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-    """Applies the block to channels-last images."""
+  def __call__(self, x_BxHxWxC: jax.Array, *, pool: bool = False) -> jax.Array:
+    """Applies the block to channels-last images; with pool, ends in the global average pool.
+
+    Pooling here, as `bn2.relu_pool`, fuses it with the last batch norm and ReLU.
+    """
     x = nnx.relu(self.bn1(self.depthwise(x_BxHxWxC)))
-    return nnx.relu(self.bn2(self.pointwise(x)))
+    x = self.pointwise(x)
+    if pool:
+      return self.bn2.relu_pool(x)
+    return nnx.relu(self.bn2(x))
 
 
 def projection_shortcut(

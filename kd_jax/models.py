@@ -52,8 +52,8 @@ class DSConvStudent(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the logits (B, num_classes) for images (B, H, W, C)."""
-    x = self.block3(self.block2(self.block1(x_BxHxWxC)))
-    return self.fc(ops.global_avg_pool(x))
+    x = self.block2(self.block1(x_BxHxWxC))
+    return self.fc(self.block3(x, pool=True))
 
 
 class CifarResNet(nnx.Module):
@@ -145,8 +145,7 @@ class WideResNet(nnx.Module):
     x = self.stem_conv(x_BxHxWxC)
     for block in self.blocks:
       x = block(x)
-    x = nnx.relu(self.final_bn(x))
-    return self.fc(ops.global_avg_pool(x))
+    return self.fc(self.final_bn.relu_pool(x))
 
 
 class ImageNetResNet(nnx.Module):

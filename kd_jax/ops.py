@@ -1,8 +1,8 @@
 """Array functions under kd_jax's layers, in the forms XLA:CPU runs fastest.
 
-Batch normalisation, the global average pool, the 3x3 convolution by Winograd's
-F(2x2, 3x3) and the 3x3 depthwise convolution as shifted multiply-adds, most with a
-written gradient (BENCHMARKS.md says why each looks as it does), and XLA's own
+Batch normalisation (alone or fused with ReLU and the pool), the global average pool,
+the 3x3 convolution by Winograd's F(2x2, 3x3) and the 3x3 depthwise convolution as
+shifted multiply-adds, most with a written gradient (BENCHMARKS.md says why each looks as it does), and XLA's own
 convolutions to set beside them. Each equals its plain formulation in values and
 gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout.
 """
@@ -37,10 +37,16 @@ def normalize_with_batch_stats(
   return _normalize_forward(x_NxC, scale_C, bias_C, epsilon)[0]
 
 
-def _normalize_forward(x_NxC, scale_C, bias_C, epsilon):
+def _batch_stats(x_NxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(x in at least float32, mean_C, variance_C) as nnx.BatchNorm computes them."""
   x32_NxC = x_NxC.astype(jnp.promote_types(x_NxC.dtype, jnp.float32))
   mean_C = x32_NxC.mean(axis=0)
   var_C = jnp.maximum(0.0, jnp.mean(x32_NxC * x32_NxC, axis=0) - mean_C * mean_C)
+  return x32_NxC, mean_C, var_C
+
+
+def _normalize_forward(x_NxC, scale_C, bias_C, epsilon):
+  x32_NxC, mean_C, var_C = _batch_stats(x_NxC)
   inv_std_C = jax.lax.rsqrt(var_C + epsilon)
   y_NxC = ((x32_NxC - mean_C) * (inv_std_C * scale_C) + bias_C).astype(x_NxC.dtype)
   return (y_NxC, mean_C, var_C), (x_NxC, mean_C, inv_std_C, scale_C)
@@ -64,6 +70,76 @@ def _normalize_backward(epsilon, residuals, cotangents):
 
 
 normalize_with_batch_stats.defvjp(_normalize_forward, _normalize_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalize_relu_pool(
+    x_BxHxWxC: jax.Array, scale_C: jax.Array, bias_C: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """global_avg_pool(relu(batch norm of x with its own statistics)), fused.
+
+  A network's last batch norm, ReLU and pool, as `normalize_with_batch_stats`, ReLU and
+  `global_avg_pool` compute them. Fused, the pass that pools also counts each image's
+  active units per channel and sums their normalised inputs; from those, the gradient
+  needs one more pass over x, where autodiff through the three took six over x-sized
+  arrays (BENCHMARKS.md).
+
+  Args:
+    x_BxHxWxC: the batch norm's input.
+    scale_C: per-channel scale.
+    bias_C: per-channel bias.
+    epsilon: added to the variance.
+
+  Returns:
+    (pooled_BxC in x's dtype, batch mean_C, batch variance_C); the statistics carry no
+    gradient (they only feed the running averages).
+  """
+  return _normalize_relu_pool_forward(x_BxHxWxC, scale_C, bias_C, epsilon)[0]
+
+
+def _normalize_relu_pool_forward(x_BxHxWxC, scale_C, bias_C, epsilon):
+  batch, height, width, channels = x_BxHxWxC.shape
+  x32, mean_C, var_C = _batch_stats(x_BxHxWxC.reshape(-1, channels))
+  inv_std_C = jax.lax.rsqrt(var_C + epsilon)
+  x_hat = (x32.reshape(x_BxHxWxC.shape) - mean_C) * inv_std_C
+  relu = jnp.maximum(x_hat * scale_C + bias_C, 0.0)
+  active = (relu > 0).astype(relu.dtype)
+  # One variadic reduction over the rows: XLA:CPU runs it as one pass over x, where the
+  # three sums apart each read x again (and over height and width at once, a third slower).
+  zero = jnp.zeros((), relu.dtype)
+  sums_BxWxC = jax.lax.reduce(
+      (relu, active, active * x_hat),
+      (zero, zero, zero),
+      lambda a, b: tuple(u + v for u, v in zip(a, b)),
+      (1,),
+  )
+  relu_sum_BxC, active_BxC, active_x_hat_BxC = (s.sum(axis=1) for s in sums_BxWxC)
+  pooled_BxC = (relu_sum_BxC / (height * width)).astype(x_BxHxWxC.dtype)
+  residuals = (x_BxHxWxC, mean_C, inv_std_C, scale_C, bias_C, active_BxC, active_x_hat_BxC)
+  return (pooled_BxC, mean_C, var_C), residuals
+
+
+def _normalize_relu_pool_backward(epsilon, residuals, cotangents):
+  del epsilon  # only in inv_std
+  x_BxHxWxC, mean_C, inv_std_C, scale_C, bias_C, active_BxC, active_x_hat_BxC = residuals
+  batch, height, width, _ = x_BxHxWxC.shape
+  # The gradient reaching each unit through the pool, before the ReLU's mask.
+  dpool_BxC = cotangents[0].astype(mean_C.dtype) / (height * width)
+  # The sums over all rows of the masked gradient and of it times x_hat, by image.
+  dbias_C = (dpool_BxC * active_BxC).sum(axis=0)
+  dscale_C = (dpool_BxC * active_x_hat_BxC).sum(axis=0)
+  x_hat = (x_BxHxWxC.astype(mean_C.dtype) - mean_C) * inv_std_C
+  dy = jnp.where(x_hat * scale_C + bias_C > 0, dpool_BxC[:, None, None, :], 0.0)
+  rows = batch * height * width
+  dx = (scale_C * inv_std_C) * (dy - dbias_C / rows - x_hat * (dscale_C / rows))
+  return (
+      dx.astype(x_BxHxWxC.dtype),
+      dscale_C.astype(scale_C.dtype),
+      dbias_C.astype(scale_C.dtype),
+  )
+
+
+normalize_relu_pool.defvjp(_normalize_relu_pool_forward, _normalize_relu_pool_backward)
 
 
 def global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:

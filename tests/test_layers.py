@@ -97,13 +97,13 @@ def _batch_norm_pair(features):
   return ours, reference
 
 
-def _train_call_and_grads(bn, x, cotangent):
+def _train_call_and_grads(bn, x, cotangent, call=lambda bn, x: bn(x)):
   """Output, gradients (x, scale, bias) and updated running stats of one training call."""
   graph, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
 
   def loss(x, params):
     model = nnx.merge(graph, params, stats, copy=True)
-    out = model(x)
+    out = call(model, x)
     return jnp.sum(out.astype(jnp.float32) * cotangent), (out, nnx.state(model, nnx.BatchStat))
 
   (_, (out, new_stats)), (dx, dparams) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
@@ -144,12 +144,40 @@ def test_batch_norm_matches_nnx_batch_norm_in_eval_and_bfloat16():
   np.testing.assert_allclose(dx.astype(np.float32), dx_ref.astype(np.float32), **bf16)
 
 
+def test_batch_norm_relu_pool_matches_nnx_batch_norm_relu_and_mean():
+  ours, reference = _batch_norm_pair(6)
+  x = jnp.asarray(normal((4, 5, 3, 6))) * 3.0 + 1.5
+  cotangent = random_cotangent((4, 6))
+  got = _train_call_and_grads(ours, x, cotangent, lambda bn, x: bn.relu_pool(x))
+  want = _train_call_and_grads(
+      reference, x, cotangent, lambda bn, x: jnp.mean(nnx.relu(bn(x)), axis=(1, 2))
+  )
+  for name, a, b in zip(("output", "dx", "dscale", "dbias"), got[:4], want[:4]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(got[4][name][...], want[4][name][...], rtol=1e-6, err_msg=name)
+  ours.eval()
+  reference.eval()
+  np.testing.assert_allclose(
+      ours.relu_pool(x), jnp.mean(nnx.relu(reference(x)), axis=(1, 2)), rtol=1e-6, atol=1e-6
+  )
+
+
 def test_dsconv_shape_and_batch_norm_settings():
   block = layers.DSConv(3, 8, strides=2, rngs=nnx.Rngs(0))
   out = block(jnp.ones((2, 9, 9, 3)))
   assert out.shape == (2, 5, 5, 8)
   assert (out >= 0).all()
   assert block.bn1.momentum == 0.9 and block.bn1.epsilon == 1e-5
+
+
+def test_dsconv_pool_ends_in_the_mean_of_its_output():
+  x = jnp.asarray(normal((2, 6, 6, 3)))
+  pooled_block, plain_block = (layers.DSConv(3, 8, rngs=nnx.Rngs(0)) for _ in range(2))
+  pooled = pooled_block(x, pool=True)
+  np.testing.assert_allclose(pooled, jnp.mean(plain_block(x), axis=(1, 2)), rtol=1e-5, atol=1e-6)
+  # Both paths update the running statistics alike.
+  np.testing.assert_allclose(pooled_block.bn2.var[...], plain_block.bn2.var[...], rtol=1e-6)
 
 
 @pytest.mark.parametrize("block_cls", [layers.BasicBlock, layers.WideBasicBlock])

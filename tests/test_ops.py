@@ -77,3 +77,42 @@ def test_winograd_conv_matches_lax_conv(shape):
   np.testing.assert_allclose(out_a, out_b, **tol)
   np.testing.assert_allclose(dx_a, dx_b, **tol)
   np.testing.assert_allclose(dk_a, dk_b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_normalize_relu_pool_matches_plain_formulation(dtype):
+  # Off-centre, with biases of both signs, so that about half the units are inactive.
+  x = jnp.asarray(normal((4, 6, 5, 3)) * 2.0 + 1.0, dtype)
+  scale = jnp.asarray(normal((3,), seed=3) + 1.5)
+  bias = jnp.asarray(normal((3,), seed=4))
+  cotangent = random_cotangent((4, 3))
+
+  def plain(x, scale, bias):
+    x32 = x.astype(jnp.float32)
+    mean, var = jnp.mean(x32, axis=(0, 1, 2)), jnp.var(x32, axis=(0, 1, 2))
+    y = jnp.maximum((x32 - mean) / jnp.sqrt(var + 1e-5) * scale + bias, 0.0)
+    return jnp.mean(y, axis=(1, 2)).astype(x.dtype), mean, var
+
+  def values_and_grads_of(fn):
+    def loss(x, scale, bias):
+      pooled, mean, var = fn(x, scale, bias)
+      return jnp.sum(pooled.astype(jnp.float32) * cotangent), (pooled, mean, var)
+
+    return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(x, scale, bias)
+
+  fused = lambda x, scale, bias: ops.normalize_relu_pool(x, scale, bias, 1e-5)
+  (dx, dscale, dbias), (pooled, mean, var) = values_and_grads_of(fused)
+  (dx_ref, dscale_ref, dbias_ref), (pooled_ref, mean_ref, var_ref) = values_and_grads_of(plain)
+  assert pooled.dtype == dx.dtype == dtype and pooled.shape == (4, 3)
+  tol = _TOL if dtype == jnp.float32 else dict(rtol=2**-7, atol=2**-7)
+  for name, got, want in (
+      ("pooled", pooled, pooled_ref),
+      ("mean", mean, mean_ref),
+      ("var", var, var_ref),
+      ("dx", dx, dx_ref),
+      ("dscale", dscale, dscale_ref),
+      ("dbias", dbias, dbias_ref),
+  ):
+    np.testing.assert_allclose(
+        np.asarray(got, np.float32), np.asarray(want, np.float32), **tol, err_msg=name
+    )
