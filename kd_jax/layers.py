@@ -72,34 +72,42 @@ def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> BatchNorm:
 # layer saves at most ~1 ms per step for ~0.17 s more compile time, which small problems
 # (evaluation batches, short runs, tests) do not earn back (BENCHMARKS.md).
 _WINOGRAD_MIN_TILES = 2048
+# Input channels up to which the column-pair product beats XLA:CPU's convolution: an RGB
+# or RGBA stem (BENCHMARKS.md).
+_COLUMN_PAIRS_MAX_CHANNELS = 4
 
 
 class Conv3x3(nnx.Conv):
-  """nnx.Conv with a 3x3 kernel, padding 1 and no bias; on CPU, Winograd's where it pays.
+  """nnx.Conv with a 3x3 kernel, padding 1 and no bias; on CPU, a faster form where one pays.
 
-  Same parameters and results as nnx.Conv (tests/test_layers.py). On CPU, float32
-  convolutions at stride 1 with even height and width, more than 16 channels in or out and
-  at least _WINOGRAD_MIN_TILES 2x2 output tiles run as `ops.conv3x3_winograd`.
+  Same parameters and results as nnx.Conv (tests/test_layers.py). On CPU, at stride 1:
+  layers with at most _COLUMN_PAIRS_MAX_CHANNELS input channels and even width run as
+  `ops.conv3x3_column_pairs`; float32 layers with even height and width, more than 16
+  channels in or out and at least _WINOGRAD_MIN_TILES 2x2 output tiles as
+  `ops.conv3x3_winograd`.
   """
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the convolution to channels-last images."""
     x, kernel = self.promote_dtype((x_BxHxWxC, self.kernel[...]), dtype=self.dtype)
     batch, height, width, _ = x.shape
-    if (
-        self.strides in (1, (1, 1))
+    stride_1 = self.strides in (1, (1, 1))
+    if stride_1 and self.in_features <= _COLUMN_PAIRS_MAX_CHANNELS and width % 2 == 0:
+      cpu_conv = ops.conv3x3_column_pairs
+    elif (
+        stride_1
         and x.dtype == jnp.float32
         and height % 2 == 0
         and width % 2 == 0
         and max(self.in_features, self.out_features) > 16
         and batch * (height // 2) * (width // 2) >= _WINOGRAD_MIN_TILES
     ):
-      # Chosen when lowering for a platform, so that an exported model takes each
-      # platform's own (the TensorFlow and JAX exports hold CPU and CUDA).
-      return jax.lax.platform_dependent(
-          x, kernel, cpu=ops.conv3x3_winograd, default=ops.conv3x3_lax
-      )
-    return super().__call__(x_BxHxWxC)
+      cpu_conv = ops.conv3x3_winograd
+    else:
+      return super().__call__(x_BxHxWxC)
+    # Chosen when lowering for a platform, so that an exported model takes each platform's
+    # own (the TensorFlow and JAX exports hold CPU and CUDA).
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=ops.conv3x3_lax)
 
 
 def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.Rngs) -> Conv3x3:

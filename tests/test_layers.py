@@ -60,17 +60,21 @@ def test_pointwise_init_and_size_match_nnx_conv():
 
 
 @pytest.mark.parametrize(
-    "cin, cout, strides, size, winograd",
+    "cin, cout, strides, size, cpu_form",
     [
-        (20, 24, 1, 64, True),
+        (20, 24, 1, 64, True),  # Winograd's
         (16, 16, 1, 64, False),
         (20, 24, 2, 64, False),
         (20, 24, 1, 63, False),
         (20, 24, 1, 62, False),  # 1,922 output tiles, too few to pay
+        (3, 16, 1, 10, True),  # column pairs
+        (3, 16, 1, 9, False),
+        (3, 16, 2, 10, False),
+        (5, 8, 1, 10, False),
     ],
 )
-def test_conv3x3_matches_nnx_conv_and_takes_winograd_where_it_pays(
-    cin, cout, strides, size, winograd
+def test_conv3x3_matches_nnx_conv_and_takes_a_cpu_form_where_it_pays(
+    cin, cout, strides, size, cpu_form
 ):
   layer = layers.conv3x3(cin, cout, strides=strides, rngs=nnx.Rngs(0))
   reference = nnx.Conv(
@@ -79,9 +83,9 @@ def test_conv3x3_matches_nnx_conv_and_takes_winograd_where_it_pays(
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
   x = normal((2, size, size, cin))
   np.testing.assert_allclose(layer(x), reference(x), rtol=1e-5, atol=1e-4)
-  # On CPU only stride-1, even-sized, wider than 16-channel convs with enough tiles take
-  # Winograd's form.
-  assert _lowers_to_convolution(layer, x, "cpu") != winograd
+  # On CPU, stride-1 even-width layers of at most 4 input channels take the column-pair
+  # product; stride-1, even-sized, wider than 16-channel ones with enough tiles Winograd's.
+  assert _lowers_to_convolution(layer, x, "cpu") != cpu_form
   assert _lowers_to_convolution(layer, x, "cuda")
 
 

@@ -79,6 +79,20 @@ def test_winograd_conv_matches_lax_conv(shape):
   np.testing.assert_allclose(dk_a, dk_b, **tol)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 6, 3, 7), (1, 4, 2, 1, 16)])
+def test_conv3x3_column_pairs_matches_lax_conv(shape):
+  batch, height, width, cin, cout = shape
+  x = normal((batch, height, width, cin))
+  kernel = normal((3, 3, cin, cout), seed=1)
+  via_lax = lambda x, kernel, stride: ops.conv3x3_lax(x, kernel)
+  via_pairs = lambda x, kernel, stride: ops.conv3x3_column_pairs(x, kernel)
+  out_a, (dx_a, dk_a) = values_and_grads(via_pairs, x, kernel, 1)
+  out_b, (dx_b, dk_b) = values_and_grads(via_lax, x, kernel, 1)
+  np.testing.assert_allclose(out_a, out_b, **_TOL)
+  np.testing.assert_allclose(dx_a, dx_b, **_TOL)
+  np.testing.assert_allclose(dk_a, dk_b, **_TOL)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_normalize_relu_pool_matches_plain_formulation(dtype):
   # Off-centre, with biases of both signs, so that about half the units are inactive.
