@@ -38,16 +38,10 @@ def normalize_with_batch_stats(
   return _normalize_forward(x_NxC, scale_C, bias_C, epsilon)[0]
 
 
-def _batch_stats(x_NxC: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(x in at least float32, mean_C, variance_C) as nnx.BatchNorm computes them."""
+def _normalize_forward(x_NxC, scale_C, bias_C, epsilon):
   x32_NxC = x_NxC.astype(jnp.promote_types(x_NxC.dtype, jnp.float32))
   mean_C = x32_NxC.mean(axis=0)
   var_C = jnp.maximum(0.0, jnp.mean(x32_NxC * x32_NxC, axis=0) - mean_C * mean_C)
-  return x32_NxC, mean_C, var_C
-
-
-def _normalize_forward(x_NxC, scale_C, bias_C, epsilon):
-  x32_NxC, mean_C, var_C = _batch_stats(x_NxC)
   inv_std_C = jax.lax.rsqrt(var_C + epsilon)
   y_NxC = ((x32_NxC - mean_C) * (inv_std_C * scale_C) + bias_C).astype(x_NxC.dtype)
   return (y_NxC, mean_C, var_C), (x_NxC, mean_C, inv_std_C, scale_C)
@@ -80,10 +74,10 @@ def normalize_relu_pool(
   """global_avg_pool(relu(batch norm of x with its own statistics)), fused.
 
   A network's last batch norm, ReLU and pool, as `normalize_with_batch_stats`, ReLU and
-  `global_avg_pool` compute them. Fused, the pass that pools also counts each image's
-  active units per channel and sums their normalised inputs; from those, the gradient
-  needs one more pass over x, where autodiff through the three took six over x-sized
-  arrays (BENCHMARKS.md).
+  `global_avg_pool` compute them. Fused, one pass over x takes the batch statistics and
+  one more pools, counting each image's active units per channel and summing their
+  normalised inputs on the way; from those the gradient needs one pass over x, where
+  autodiff through the three took six over x-sized arrays (BENCHMARKS.md).
 
   Args:
     x_BxHxWxC: the batch norm's input.
@@ -98,23 +92,40 @@ def normalize_relu_pool(
   return _normalize_relu_pool_forward(x_BxHxWxC, scale_C, bias_C, epsilon)[0]
 
 
+def _sums_over_height(*terms_BxHxWxC: jax.Array) -> list[jax.Array]:
+  """Each term summed over its height axis, (B, W, C) each, in one variadic reduction.
+
+  XLA:CPU runs it as one pass over the terms' common inputs, where reductions apart (or
+  YNNPACK's) each read them again, and one over height and width at once ran a third
+  slower (BENCHMARKS.md). Fed by a matrix product, which it cannot fuse; XLA:CPU would fuse
+  a cheaper producer into it, and a depthwise convolution recomputed there was slower.
+  """
+  zero = jnp.zeros((), terms_BxHxWxC[0].dtype)
+  return list(
+      jax.lax.reduce(
+          terms_BxHxWxC,
+          (zero,) * len(terms_BxHxWxC),
+          lambda a, b: tuple(u + v for u, v in zip(a, b)),
+          (1,),
+      )
+  )
+
+
 def _normalize_relu_pool_forward(x_BxHxWxC, scale_C, bias_C, epsilon):
-  batch, height, width, channels = x_BxHxWxC.shape
-  x32, mean_C, var_C = _batch_stats(x_BxHxWxC.reshape(-1, channels))
+  batch, height, width, _ = x_BxHxWxC.shape
+  x32 = x_BxHxWxC.astype(jnp.promote_types(x_BxHxWxC.dtype, jnp.float32))
+  rows = batch * height * width
+  # The batch statistics as _normalize_forward computes them, from one pass.
+  sum_C, sum_of_squares_C = (s.sum(axis=(0, 1)) for s in _sums_over_height(x32, x32 * x32))
+  mean_C = sum_C / rows
+  var_C = jnp.maximum(0.0, sum_of_squares_C / rows - mean_C * mean_C)
   inv_std_C = jax.lax.rsqrt(var_C + epsilon)
-  x_hat = (x32.reshape(x_BxHxWxC.shape) - mean_C) * inv_std_C
+  x_hat = (x32 - mean_C) * inv_std_C
   relu = jnp.maximum(x_hat * scale_C + bias_C, 0.0)
   active = (relu > 0).astype(relu.dtype)
-  # One variadic reduction over the rows: XLA:CPU runs it as one pass over x, where the
-  # three sums apart each read x again (and over height and width at once, a third slower).
-  zero = jnp.zeros((), relu.dtype)
-  sums_BxWxC = jax.lax.reduce(
-      (relu, active, active * x_hat),
-      (zero, zero, zero),
-      lambda a, b: tuple(u + v for u, v in zip(a, b)),
-      (1,),
+  relu_sum_BxC, active_BxC, active_x_hat_BxC = (
+      s.sum(axis=1) for s in _sums_over_height(relu, active, active * x_hat)
   )
-  relu_sum_BxC, active_BxC, active_x_hat_BxC = (s.sum(axis=1) for s in sums_BxWxC)
   pooled_BxC = (relu_sum_BxC / (height * width)).astype(x_BxHxWxC.dtype)
   residuals = (x_BxHxWxC, mean_C, inv_std_C, scale_C, bias_C, active_BxC, active_x_hat_BxC)
   return (pooled_BxC, mean_C, var_C), residuals
