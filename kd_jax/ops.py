@@ -209,8 +209,8 @@ def conv3x3_column_pairs(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax
 
   Each pair of horizontally adjacent outputs is one row of a single matrix product: the
   3x4 input patch the two share, times the kernel twice over, shifted by a column. With 3
-  input channels XLA:CPU's convolution ran at ~25 GFLOP/s; this form, at 4/3 of its
-  multiplications, took about 45% less time (BENCHMARKS.md).
+  input channels XLA:CPU's convolution ran at ~24 GFLOP/s; this form, at 4/3 of its
+  multiplications, reached ~33 GFLOP/s of the convolution's (BENCHMARKS.md).
 
   Args:
     x_BxHxWxC: input images; W even.
