@@ -45,7 +45,8 @@ class BatchNorm(nnx.BatchNorm):
     """ops.global_avg_pool(relu(self(x))), (B, H, W, C) -> (B, C); fused in training mode.
 
     For a network's last batch norm: in training mode `ops.normalize_relu_pool` does the
-    three in one pass with a shorter gradient; the running statistics update as in __call__.
+    three in two passes over x, and its gradient in one; the running statistics update as in
+    __call__.
     """
     if self.use_running_average:
       return ops.global_avg_pool(nnx.relu(super().__call__(x_BxHxWxC)))
