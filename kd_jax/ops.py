@@ -55,13 +55,17 @@ def _normalize_backward(epsilon, residuals, cotangents):
   x_hat_NxC = (x_NxC.astype(mean_C.dtype) - mean_C) * inv_std_C
   dbias_C = dy_NxC.sum(axis=0)
   dscale_C = (dy_NxC * x_hat_NxC).sum(axis=0)
-  rows = x_NxC.shape[0]
-  dx_NxC = (scale_C * inv_std_C) * (dy_NxC - dbias_C / rows - x_hat_NxC * (dscale_C / rows))
-  return (
-      dx_NxC.astype(x_NxC.dtype),
-      dscale_C.astype(scale_C.dtype),
-      dbias_C.astype(scale_C.dtype),
-  )
+  return _normalize_gradients(dy_NxC, x_hat_NxC, inv_std_C, scale_C, dbias_C, dscale_C, x_NxC.dtype)
+
+
+def _normalize_gradients(dy, x_hat, inv_std_C, scale_C, dbias_C, dscale_C, x_dtype):
+  """(dx, dscale, dbias) of batch norm from dy at its output and dy's two sums over the rows.
+
+  dbias_C = sum(dy) and dscale_C = sum(dy * x_hat) over all rows (every axis but the last).
+  """
+  rows = dy.size // dy.shape[-1]
+  dx = (scale_C * inv_std_C) * (dy - dbias_C / rows - x_hat * (dscale_C / rows))
+  return dx.astype(x_dtype), dscale_C.astype(scale_C.dtype), dbias_C.astype(scale_C.dtype)
 
 
 normalize_with_batch_stats.defvjp(_normalize_forward, _normalize_backward)
@@ -134,7 +138,7 @@ def _normalize_relu_pool_forward(x_BxHxWxC, scale_C, bias_C, epsilon):
 def _normalize_relu_pool_backward(epsilon, residuals, cotangents):
   del epsilon  # only in inv_std
   x_BxHxWxC, mean_C, inv_std_C, scale_C, bias_C, active_BxC, active_x_hat_BxC = residuals
-  batch, height, width, _ = x_BxHxWxC.shape
+  _, height, width, _ = x_BxHxWxC.shape
   # The gradient reaching each unit through the pool, before the ReLU's mask.
   dpool_BxC = cotangents[0].astype(mean_C.dtype) / (height * width)
   # The sums over all rows of the masked gradient and of it times x_hat, by image.
@@ -142,13 +146,7 @@ def _normalize_relu_pool_backward(epsilon, residuals, cotangents):
   dscale_C = (dpool_BxC * active_x_hat_BxC).sum(axis=0)
   x_hat = (x_BxHxWxC.astype(mean_C.dtype) - mean_C) * inv_std_C
   dy = jnp.where(x_hat * scale_C + bias_C > 0, dpool_BxC[:, None, None, :], 0.0)
-  rows = batch * height * width
-  dx = (scale_C * inv_std_C) * (dy - dbias_C / rows - x_hat * (dscale_C / rows))
-  return (
-      dx.astype(x_BxHxWxC.dtype),
-      dscale_C.astype(scale_C.dtype),
-      dbias_C.astype(scale_C.dtype),
-  )
+  return _normalize_gradients(dy, x_hat, inv_std_C, scale_C, dbias_C, dscale_C, x_BxHxWxC.dtype)
 
 
 normalize_relu_pool.defvjp(_normalize_relu_pool_forward, _normalize_relu_pool_backward)

@@ -11,13 +11,13 @@ from kd_jax import ops
 _TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _assert_same_values_and_grads(conv_a, conv_b, x, kernel, stride):
+def _assert_same_values_and_grads(conv_a, conv_b, x, kernel, stride, tol=_TOL):
   out_a, (dx_a, dk_a) = values_and_grads(conv_a, x, kernel, stride)
   out_b, (dx_b, dk_b) = values_and_grads(conv_b, x, kernel, stride)
   assert out_a.shape == out_b.shape
-  np.testing.assert_allclose(out_a, out_b, **_TOL)
-  np.testing.assert_allclose(dx_a, dx_b, **_TOL)
-  np.testing.assert_allclose(dk_a, dk_b, **_TOL)
+  np.testing.assert_allclose(out_a, out_b, **tol)
+  np.testing.assert_allclose(dx_a, dx_b, **tol)
+  np.testing.assert_allclose(dk_a, dk_b, **tol)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -70,13 +70,9 @@ def test_winograd_conv_matches_lax_conv(shape):
   kernel = normal((3, 3, cin, cout), seed=1)
   via_lax = lambda x, kernel, stride: ops.conv3x3_lax(x, kernel)
   via_winograd = lambda x, kernel, stride: ops.conv3x3_winograd(x, kernel)
-  out_a, (dx_a, dk_a) = values_and_grads(via_winograd, x, kernel, 1)
-  out_b, (dx_b, dk_b) = values_and_grads(via_lax, x, kernel, 1)
   # The transforms add and subtract whole tiles, so rounding is relative to their magnitude.
   tol = dict(rtol=1e-5, atol=1e-4)
-  np.testing.assert_allclose(out_a, out_b, **tol)
-  np.testing.assert_allclose(dx_a, dx_b, **tol)
-  np.testing.assert_allclose(dk_a, dk_b, **tol)
+  _assert_same_values_and_grads(via_winograd, via_lax, x, kernel, 1, tol)
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 6, 3, 7), (1, 4, 2, 1, 16)])
@@ -86,11 +82,7 @@ def test_conv3x3_column_pairs_matches_lax_conv(shape):
   kernel = normal((3, 3, cin, cout), seed=1)
   via_lax = lambda x, kernel, stride: ops.conv3x3_lax(x, kernel)
   via_pairs = lambda x, kernel, stride: ops.conv3x3_column_pairs(x, kernel)
-  out_a, (dx_a, dk_a) = values_and_grads(via_pairs, x, kernel, 1)
-  out_b, (dx_b, dk_b) = values_and_grads(via_lax, x, kernel, 1)
-  np.testing.assert_allclose(out_a, out_b, **_TOL)
-  np.testing.assert_allclose(dx_a, dx_b, **_TOL)
-  np.testing.assert_allclose(dk_a, dk_b, **_TOL)
+  _assert_same_values_and_grads(via_pairs, via_lax, x, kernel, 1)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
