@@ -1,14 +1,17 @@
-"""How fast the teacher's convolutions and the student's 1x1 products run, per framework.
+"""How fast the teacher's convolutions and forward pass run, per framework, layer by layer.
 
-Times, at batch 128 in float32, the 3x3 convolutions (stride 1, padding 1) of
-resnet20's stem and three stages and the student's widest 1x1 convolution as a
-matrix product, and prints GFLOP/s as one JSON line. With JAX (kd_jax's
-environment): XLA's convolution, kd_jax's `conv3x3_winograd` (stages) and
-`conv3x3_column_pairs` (stem); with --framework=torch (the peer's environment):
-PyTorch's conv2d in channels_last and its matmul. Each stage figure is the median
-of --repeats synchronised calls of a chain of five layers (conv, scale, ReLU,
-residual), so that fused neighbours count as in a network; the stem is one layer
-with its scale and ReLU.
+Times, at batch 128 in float32, each kind of 3x3 convolution in resnet20 (the RGB stem, the
+three stages, the two strided convolutions that open stages 2 and 3) alone, the student's
+widest 1x1 convolution as a matrix product, and the teacher's whole forward pass in inference
+mode, and prints milliseconds and GFLOP/s as one JSON line. With JAX (kd_jax's environment):
+XLA's convolution and the form kd_jax's `layers.Conv3x3` takes on this platform, alternated
+call by call so that both share the machine's drift, and kd_jax's resnet20. With
+--framework=torch (the peer's environment): PyTorch's conv2d in channels_last, its matmul, and
+the peer's ResNet-20 (../shared/peers/torch_guide_ref.py) eager in channels_last and under
+torch.compile, as the peer's student_online step runs it.
+
+Each convolution is timed alone, its output the program's result: a chain with eager PyTorch
+pointwise ops in between measured the allocator more than the convolution (BENCHMARKS.md).
 
 Usage (from the repository root):
   .venv/bin/python bench/conv_rates.py
@@ -24,88 +27,101 @@ import time
 import numpy as np
 
 BATCH = 128
-# (height = width, channels) of resnet20's stages.
-STAGES = ((32, 16), (16, 32), (8, 64))
-LAYERS = 5
-# resnet20's stem: (height = width, channels in, channels out), one layer with its scale and ReLU.
-STEM = (32, 3, 16)
+# resnet20's 3x3 convolutions: name -> (input height = width, channels in, channels out, stride).
+CONVS = {
+    "stem": (32, 3, 16, 1),
+    "stage1": (32, 16, 16, 1),
+    "stage2_down": (32, 16, 32, 2),
+    "stage2": (16, 32, 32, 1),
+    "stage3_down": (16, 32, 64, 2),
+    "stage3": (8, 64, 64, 1),
+}
 # dsconv_student's block3 pointwise product: (128 * 16 * 16, 128) @ (128, 256).
 DOT = (BATCH * 16 * 16, 128, 256)
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PEERS = os.path.join(os.path.dirname(_REPO), "shared", "peers")
 
 
-def _median_ms(call, repeats: int) -> float:
+def _conv_gflop(size: int, cin: int, cout: int, stride: int) -> float:
+  out = size // stride
+  return 2 * BATCH * out * out * cin * cout * 9 / 1e9
+
+
+def _call_ms(call) -> float:
+  start = time.perf_counter()
   call()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+  return 1e3 * (time.perf_counter() - start)
+
+
+def _alternated_ms(calls: dict, repeats: int) -> dict:
+  """Median ms of each call, the calls taken in turn `repeats` times after one warm-up each."""
+  for call in calls.values():
     call()
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+  times = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, call in calls.items():
+      times[name].append(_call_ms(call))
+  return {name: float(np.median(ms)) for name, ms in times.items()}
 
 
-def _conv_gflop(size: int, channels: int) -> float:
-  return 2 * BATCH * size * size * channels * channels * 9 * LAYERS / 1e9
-
-
-def _stem_gflop() -> float:
-  size, cin, cout = STEM
-  return 2 * BATCH * size * size * cin * cout * 9 / 1e9
+def _report(rates: dict, key: str, ms: float, gflop: float) -> None:
+  rates[f"{key}_ms"] = round(ms, 2)
+  rates[f"{key}_gflop_s"] = round(gflop / ms * 1e3)
 
 
 def _jax_rates(repeats: int) -> dict:
   # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.path.insert(0, _REPO)
   from kd_jax import host
 
   host.reuse_freed_memory()
   import jax
   import jax.numpy as jnp
+  from flax import nnx
 
-  from kd_jax import ops
-
-  def chain(conv):
-    def run(x, kernels):
-      for kernel in kernels:
-        x = jnp.maximum(conv(x, kernel) * 0.5 + 0.1, 0.0) + x
-      return x
-
-    return jax.jit(run)
+  from kd_jax import layers
+  from kd_jax.network import create_network
 
   rng = np.random.default_rng(0)
   rates = {}
-  convs = {"xla_conv": ops.conv3x3_lax, "winograd": ops.conv3x3_winograd}
-  for size, channels in STAGES:
-    x = jnp.asarray(rng.standard_normal((BATCH, size, size, channels), np.float32))
-    kernels = [
-        jnp.asarray(0.05 * rng.standard_normal((3, 3, channels, channels), np.float32))
-        for _ in range(LAYERS)
-    ]
-    for name, conv in convs.items():
-      run = chain(conv)
-      ms = _median_ms(lambda: jax.block_until_ready(run(x, kernels)), repeats)
-      rates[f"{name}_{size}x{size}x{channels}_gflop_s"] = round(
-          _conv_gflop(size, channels) / ms * 1e3
-      )
-  size, cin, cout = STEM
-  x = jnp.asarray(rng.standard_normal((BATCH, size, size, cin), np.float32))
-  kernel = jnp.asarray(rng.standard_normal((3, 3, cin, cout), np.float32))
-  stems = {
-      name: jax.jit(lambda x, kernel, conv=conv: jnp.maximum(conv(x, kernel) * 0.5 + 0.1, 0.0))
-      for name, conv in (("xla_conv", ops.conv3x3_lax), ("column_pairs", ops.conv3x3_column_pairs))
-  }
-  # A few ms each, so the two alternate call by call, many times, to share the machine's drift.
-  stem_ms = {name: [] for name in stems}
-  for _ in range(5 * repeats):
-    for name, stem in stems.items():
-      stem_ms[name].append(_median_ms(lambda stem=stem: jax.block_until_ready(stem(x, kernel)), 1))
-  for name, times in stem_ms.items():
-    rates[f"{name}_stem_gflop_s"] = round(_stem_gflop() / float(np.median(times)) * 1e3)
+  for name, (size, cin, cout, stride) in CONVS.items():
+    x = jnp.asarray(rng.standard_normal((BATCH, size, size, cin), np.float32))
+    conv = layers.conv3x3(cin, cout, strides=stride, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(conv)
+    kd_jax_conv = jax.jit(lambda params, x, graphdef=graphdef: nnx.merge(graphdef, params)(x))
+    xla_conv = jax.jit(
+        lambda kernel, x, stride=stride: jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (stride, stride),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+    )
+    ms = _alternated_ms(
+        {
+            "xla_conv": lambda: jax.block_until_ready(xla_conv(conv.kernel[...], x)),
+            "kd_jax": lambda: jax.block_until_ready(kd_jax_conv(params, x)),
+        },
+        repeats,
+    )
+    for variant, variant_ms in ms.items():
+      _report(rates, f"{variant}_{name}", variant_ms, _conv_gflop(size, cin, cout, stride))
   rows, inner, cols = DOT
   a = jnp.asarray(rng.standard_normal((rows, inner), np.float32))
   b = jnp.asarray(rng.standard_normal((inner, cols), np.float32))
   matmul = jax.jit(lambda a, b: a @ b)
-  ms = _median_ms(lambda: jax.block_until_ready(matmul(a, b)), repeats)
-  rates["dot_gflop_s"] = round(2 * rows * inner * cols / ms / 1e6)
+  ms = _alternated_ms({"dot": lambda: jax.block_until_ready(matmul(a, b))}, repeats)["dot"]
+  _report(rates, "dot", ms, 2 * rows * inner * cols / 1e9)
+  network, variables = create_network("resnet20", num_classes=10, in_channels=3, seed=0)
+  forward = jax.jit(lambda variables, x: network.apply(variables, x, train=False)[0])
+  images = jnp.asarray(rng.random((BATCH, 32, 32, 3), np.float32))
+  rates["teacher_forward_ms"] = round(
+      _alternated_ms(
+          {"forward": lambda: jax.block_until_ready(forward(variables, images))}, repeats
+      )["forward"],
+      2,
+  )
   rates["jax"] = jax.__version__
   return rates
 
@@ -117,30 +133,38 @@ def _torch_rates(repeats: int) -> dict:
 
   torch.set_num_threads(os.cpu_count())
   torch.manual_seed(0)
+  channels_last = torch.channels_last
   rates = {}
   with torch.no_grad():
-    for size, channels in STAGES:
-      x = torch.randn(BATCH, channels, size, size).to(memory_format=torch.channels_last)
-      kernels = [0.05 * torch.randn(channels, channels, 3, 3) for _ in range(LAYERS)]
-
-      def run(x=x, kernels=kernels):
-        for kernel in kernels:
-          x = torch.relu(F.conv2d(x, kernel, padding=1) * 0.5 + 0.1) + x
-        return x
-
-      ms = _median_ms(run, repeats)
-      rates[f"conv2d_{size}x{size}x{channels}_gflop_s"] = round(
-          _conv_gflop(size, channels) / ms * 1e3
-      )
-    size, cin, cout = STEM
-    x = torch.randn(BATCH, cin, size, size).to(memory_format=torch.channels_last)
-    kernel = torch.randn(cout, cin, 3, 3)
-    ms = _median_ms(lambda: torch.relu(F.conv2d(x, kernel, padding=1) * 0.5 + 0.1), repeats)
-    rates["conv2d_stem_gflop_s"] = round(_stem_gflop() / ms * 1e3)
+    for name, (size, cin, cout, stride) in CONVS.items():
+      x = torch.randn(BATCH, cin, size, size).to(memory_format=channels_last)
+      kernel = torch.randn(cout, cin, 3, 3).to(memory_format=channels_last)
+      ms = _alternated_ms(
+          {
+              "conv2d": lambda x=x, kernel=kernel, stride=stride: F.conv2d(
+                  x, kernel, None, stride, 1
+              )
+          },
+          repeats,
+      )["conv2d"]
+      _report(rates, f"conv2d_{name}", ms, _conv_gflop(size, cin, cout, stride))
     rows, inner, cols = DOT
     a, b = torch.randn(rows, inner), torch.randn(inner, cols)
-    ms = _median_ms(lambda: a @ b, repeats)
-    rates["dot_gflop_s"] = round(2 * rows * inner * cols / ms / 1e6)
+    ms = _alternated_ms({"dot": lambda: a @ b}, repeats)["dot"]
+    _report(rates, "dot", ms, 2 * rows * inner * cols / 1e9)
+    if os.path.exists(os.path.join(_PEERS, "torch_guide_ref.py")):
+      sys.path.insert(0, _PEERS)
+      from torch_guide_ref import ResNet
+
+      teacher = ResNet().to(memory_format=channels_last).eval()
+      images = torch.randn(BATCH, 3, 32, 32).to(memory_format=channels_last)
+      forwards = {"eager_channels_last": teacher, "compile": torch.compile(teacher)}
+      for variant, forward in forwards.items():
+        forward(images)  # compiles
+        ms = _alternated_ms({variant: lambda forward=forward: forward(images)}, repeats)[variant]
+        rates[f"{variant}_teacher_forward_ms"] = round(ms, 2)
+    else:
+      print(f"no peer at {_PEERS}: teacher forward not timed", file=sys.stderr)
   rates["torch"] = torch.__version__
   return rates
 
@@ -148,7 +172,7 @@ def _torch_rates(repeats: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--framework", choices=("jax", "torch"), default="jax")
-  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--repeats", type=int, default=30)
   args = parser.parse_args()
   rates = _jax_rates(args.repeats) if args.framework == "jax" else _torch_rates(args.repeats)
   print(json.dumps({"framework": args.framework, "batch": BATCH, **rates}))
