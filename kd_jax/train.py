@@ -496,7 +496,9 @@ def train_stage(
                     {k: f"{running.last[k]:.3f}" for k in ("loss", "accuracy")}, refresh=False
                 )
             progress.update(1)
-            if requested:
+            # At an epoch's last step the epoch end below evaluates, saves, then stops: a save
+            # here would hold the step without that epoch's evaluation, which a rerun skips.
+            if requested and step % steps:
               stop(requested[0])
             if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
               if step % steps:  # an epoch end saves below, with its accuracy

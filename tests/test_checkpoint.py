@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, small_config, small_config_flags
-from kd_jax import checkpoint, pipeline
-from kd_jax.errors import TrainingDiverged, UserInputError
+from kd_jax import checkpoint, pipeline, train
+from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
 from kd_jax.network import create_network
 
 STAGES = ("teacher", "student", "baseline")
@@ -106,6 +106,41 @@ def test_killed_and_preempted_run_ends_bit_identical(quickstart_run, tmp_path):
   )
   assert finished.returncode == 0, finished.stderr[-2000:]
   _assert_same_run(workdir, reference, reference_report)
+
+
+def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_evaluation(
+    quickstart_run, tmp_path, monkeypatch
+):
+  reference, reference_report = quickstart_run
+  workdir = tmp_path / "work"
+  shutil.copytree(reference, workdir)
+  # The teacher stays finished; the student and the baseline start over.
+  for stage in ("student", "baseline"):
+    shutil.rmtree(workdir / stage)
+  os.remove(workdir / "report.json")
+  config = small_config()
+  steps_per_epoch = reference_report["dataset"]["num_train"] // config.student.batch_size
+  make_train_step = train.make_train_step
+
+  def stopped_at_the_first_epoch_end(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+
+    def step(state, batch, teacher_variables):
+      state, metrics = train_step(state, batch, teacher_variables)
+      if int(state.step) == steps_per_epoch:
+        signal.raise_signal(signal.SIGTERM)
+      return state, metrics
+
+    return step
+
+  monkeypatch.setattr(train, "make_train_step", stopped_at_the_first_epoch_end)
+  with pytest.raises(Interrupted, match="stopped by signal"):
+    pipeline.train_and_evaluate(config, str(workdir))
+  assert _steps(str(workdir), "student")[-1] == steps_per_epoch
+  monkeypatch.undo()
+
+  pipeline.train_and_evaluate(config, str(workdir))
+  _assert_same_run(str(workdir), reference, reference_report)
 
 
 def test_damaged_and_half_written_checkpoints_are_not_used(quickstart_run, tmp_path, caplog):
