@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
+from kd_jax import native
 from kd_jax.network import Network, Variables
 
 MODEL_FILE = "model.jax"
@@ -52,7 +53,9 @@ def _inference_function(network: Network, variables: Variables) -> Callable:
   host_variables = jax.tree.map(_to_host, variables)
 
   def infer(images_BxHxWxC: jax.Array) -> jax.Array:
-    return network.apply(host_variables, images_BxHxWxC, train=False)[0]
+    # An exported model must run without kd_jax, so without its native kernels.
+    with native.portable():
+      return network.apply(host_variables, images_BxHxWxC, train=False)[0]
 
   return infer
 

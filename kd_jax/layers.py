@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kd_jax import ops
+from kd_jax import native, ops
 
 # PyTorch's BatchNorm2d defaults; its momentum=0.1 weighs the new batch, Flax's
 # momentum weighs the running average, hence 0.9.
@@ -81,7 +81,8 @@ _COLUMN_PAIRS_MAX_CHANNELS = 4
 class Conv3x3(nnx.Conv):
   """nnx.Conv with a 3x3 kernel, padding 1 and no bias; on CPU, a faster form where one pays.
 
-  Same parameters and results as nnx.Conv (tests/test_layers.py). On CPU, at stride 1:
+  Same parameters and results as nnx.Conv (tests/test_layers.py). On CPU, float32 layers
+  run as `ops.conv3x3_onednn` wherever `native.onednn_conv_available()`. Else, at stride 1:
   layers with at most _COLUMN_PAIRS_MAX_CHANNELS input channels and even width run as
   `ops.conv3x3_column_pairs`; float32 layers with even height and width, more than 16
   channels in or out and at least _WINOGRAD_MIN_TILES 2x2 output tiles as
@@ -92,8 +93,13 @@ class Conv3x3(nnx.Conv):
     """Applies the convolution to channels-last images."""
     x, kernel = self.promote_dtype((x_BxHxWxC, self.kernel[...]), dtype=self.dtype)
     batch, height, width, _ = x.shape
-    stride_1 = self.strides in (1, (1, 1))
-    if stride_1 and self.in_features <= _COLUMN_PAIRS_MAX_CHANNELS and width % 2 == 0:
+    stride_h, stride_w = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
+    stride_1 = stride_h == stride_w == 1
+    default_conv = ops.conv3x3_lax
+    if x.dtype == jnp.float32 and stride_h == stride_w and native.onednn_conv_available():
+      cpu_conv = functools.partial(ops.conv3x3_onednn, stride=stride_h)
+      default_conv = functools.partial(ops.conv3x3_lax, stride=stride_h)
+    elif stride_1 and self.in_features <= _COLUMN_PAIRS_MAX_CHANNELS and width % 2 == 0:
       cpu_conv = ops.conv3x3_column_pairs
     elif (
         stride_1
@@ -108,7 +114,7 @@ class Conv3x3(nnx.Conv):
       return super().__call__(x_BxHxWxC)
     # Chosen when lowering for a platform, so that an exported model takes each platform's
     # own (the TensorFlow and JAX exports hold CPU and CUDA).
-    return jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=ops.conv3x3_lax)
+    return jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=default_conv)
 
 
 def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.Rngs) -> Conv3x3:

@@ -1,8 +1,8 @@
 """Array functions under kd_jax's layers, in the forms XLA:CPU runs fastest.
 
 Batch normalisation (alone or fused with ReLU and the pool), the global average pool,
-the 3x3 convolution by Winograd's F(2x2, 3x3) or, for few input channels, as one matrix
-product, and the 3x3 depthwise convolution as shifted multiply-adds, most with a written
+the 3x3 convolution by oneDNN (`kd_jax.native`), by Winograd's F(2x2, 3x3) or, for few input
+channels, as one matrix product, and the 3x3 depthwise convolution as shifted multiply-adds, most with a written
 gradient (BENCHMARKS.md says why each looks as it does), and XLA's own
 convolutions to set beside them. Each equals its plain formulation in values and
 gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout.
@@ -12,6 +12,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from kd_jax import native
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -191,15 +193,45 @@ def _pad_hw(x_BxHxWxC: jax.Array) -> jax.Array:
   return jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
-def conv3x3_lax(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:
-  """3x3 convolution, stride 1, padding 1, as XLA's convolution (kernel HWIO)."""
+def conv3x3_lax(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array, stride: int = 1) -> jax.Array:
+  """3x3 convolution, padding 1, as XLA's convolution (kernel HWIO)."""
   return jax.lax.conv_general_dilated(
       x_BxHxWxC,
       kernel_3x3xCxD,
-      window_strides=(1, 1),
+      window_strides=(stride, stride),
       padding=((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
   )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3x3_onednn(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array, stride: int) -> jax.Array:
+  """3x3 convolution, padding 1, float32, by oneDNN on CPU (`kd_jax.native`).
+
+  The teacher's convolutions ran 1.4-4x faster so than as XLA:CPU's (BENCHMARKS.md). The
+  backward pass is XLA's convolution gradient. Only where `native.onednn_conv_available()`.
+
+  Args:
+    x_BxHxWxC: input images.
+    kernel_3x3xCxD: the filters, HWIO.
+    stride: the same along height and width.
+
+  Returns:
+    The convolved images, equal to XLA's convolution up to float rounding.
+  """
+  return native.conv3x3(x_BxHxWxC, kernel_3x3xCxD, stride)
+
+
+def _conv3x3_onednn_forward(x_BxHxWxC, kernel_3x3xCxD, stride):
+  return conv3x3_onednn(x_BxHxWxC, kernel_3x3xCxD, stride), (x_BxHxWxC, kernel_3x3xCxD)
+
+
+def _conv3x3_onednn_backward(stride, residuals, dy_BxHxWxD):
+  _, conv_vjp = jax.vjp(functools.partial(conv3x3_lax, stride=stride), *residuals)
+  return conv_vjp(dy_BxHxWxD)
+
+
+conv3x3_onednn.defvjp(_conv3x3_onednn_forward, _conv3x3_onednn_backward)
 
 
 def conv3x3_column_pairs(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:

@@ -7,15 +7,21 @@ import pytest
 from flax import nnx
 
 from conftest import normal, random_cotangent, values_and_grads
-from kd_jax import layers, ops
+from kd_jax import layers, native, ops
 
 _TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _lowers_to_convolution(fn, x, platform):
   """Whether fn, lowered for `platform` (as kd_jax.export does), holds an XLA convolution."""
-  exported = jax.export.export(jax.jit(fn), platforms=(platform,))(x)
+  # A fresh function each time: jit would reuse a trace made outside or inside native.portable().
+  exported = jax.export.export(jax.jit(lambda x: fn(x)), platforms=(platform,))(x)
   return "stablehlo.convolution" in exported.mlir_module()
+
+
+def _calls_onednn(fn, x):
+  """Whether fn, lowered for this machine's CPU, calls kd_jax's oneDNN convolution."""
+  return "kd_jax_onednn_conv3x3" in jax.jit(lambda x: fn(x)).lower(x).as_text()
 
 
 def test_depthwise_module_matches_grouped_conv_and_nnx_conv_init():
@@ -83,10 +89,14 @@ def test_conv3x3_matches_nnx_conv_and_takes_a_cpu_form_where_it_pays(
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
   x = normal((2, size, size, cin))
   np.testing.assert_allclose(layer(x), reference(x), rtol=1e-5, atol=1e-4)
-  # On CPU, stride-1 even-width layers of at most 4 input channels take the column-pair
+  # On CPU, every float32 layer calls oneDNN's convolution (kd_jax.native, built for the tests).
+  assert _calls_onednn(layer, x)
+  # Without it, stride-1 even-width layers of at most 4 input channels take the column-pair
   # product; stride-1, even-sized, wider than 16-channel ones with enough tiles Winograd's.
-  assert _lowers_to_convolution(layer, x, "cpu") != cpu_form
-  assert _lowers_to_convolution(layer, x, "cuda")
+  with native.portable():
+    assert not _calls_onednn(layer, x)
+    assert _lowers_to_convolution(layer, x, "cpu") != cpu_form
+    assert _lowers_to_convolution(layer, x, "cuda")
 
 
 def _batch_norm_pair(features):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import normal, random_cotangent, values_and_grads
-from kd_jax import ops
+from kd_jax import native, ops
 
 _TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -83,6 +83,28 @@ def test_conv3x3_column_pairs_matches_lax_conv(shape):
   via_lax = lambda x, kernel, stride: ops.conv3x3_lax(x, kernel)
   via_pairs = lambda x, kernel, stride: ops.conv3x3_column_pairs(x, kernel)
   _assert_same_values_and_grads(via_pairs, via_lax, x, kernel, 1)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+# Odd and even sizes; an RGB stem and a wider layer.
+@pytest.mark.parametrize("shape", [(2, 7, 8, 3, 16), (1, 6, 5, 20, 24)])
+def test_conv3x3_onednn_matches_lax_conv(shape, stride):
+  assert native.onednn_conv_available(), "build it first: python -m kd_jax.native.build"
+  batch, height, width, cin, cout = shape
+  x = normal((batch, height, width, cin))
+  kernel = normal((3, 3, cin, cout), seed=1)
+  _assert_same_values_and_grads(
+      ops.conv3x3_onednn, ops.conv3x3_lax, x, kernel, stride, dict(rtol=1e-5, atol=1e-4)
+  )
+
+
+def test_native_calls_stay_out_of_portable_tracing():
+  fn = lambda x, kernel: ops.conv3x3_onednn(x, kernel, 1)
+  x, kernel = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 3))
+  assert "kd_jax_onednn_conv3x3" in jax.jit(fn).lower(x, kernel).as_text()
+  with native.portable():
+    assert not native.onednn_conv_available()
+  assert native.onednn_conv_available()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
