@@ -206,10 +206,10 @@ def conv3x3_lax(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array, stride: int = 1
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv3x3_onednn(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array, stride: int) -> jax.Array:
-  """3x3 convolution, padding 1, float32, by oneDNN on CPU (`kd_jax.native`).
+  """3x3 convolution, padding 1, float32, by oneDNN on CPU (`kd_jax.native`), gradients too.
 
-  The teacher's convolutions ran 1.4-4x faster so than as XLA:CPU's (BENCHMARKS.md). The
-  backward pass is XLA's convolution gradient. Only where `native.onednn_conv_available()`.
+  On the teacher's layers oneDNN ran 1.4-4x faster than XLA:CPU's convolution
+  (BENCHMARKS.md). Only where `native.onednn_conv_available()`.
 
   Args:
     x_BxHxWxC: input images.
@@ -226,9 +226,12 @@ def _conv3x3_onednn_forward(x_BxHxWxC, kernel_3x3xCxD, stride):
   return conv3x3_onednn(x_BxHxWxC, kernel_3x3xCxD, stride), (x_BxHxWxC, kernel_3x3xCxD)
 
 
-def _conv3x3_onednn_backward(stride, residuals, dy_BxHxWxD):
-  _, conv_vjp = jax.vjp(functools.partial(conv3x3_lax, stride=stride), *residuals)
-  return conv_vjp(dy_BxHxWxD)
+def _conv3x3_onednn_backward(stride, residuals, dy):
+  x_BxHxWxC, kernel_3x3xCxD = residuals
+  return (
+      native.conv3x3_input_gradient(dy, kernel_3x3xCxD, x_BxHxWxC.shape, stride),
+      native.conv3x3_kernel_gradient(x_BxHxWxC, dy, stride),
+  )
 
 
 conv3x3_onednn.defvjp(_conv3x3_onednn_forward, _conv3x3_onednn_backward)

@@ -1,4 +1,4 @@
-"""kd_jax's native CPU kernel: oneDNN's 3x3 convolution, called from XLA through its FFI.
+"""kd_jax's native CPU kernels: oneDNN's 3x3 convolution and its gradients, through XLA's FFI.
 
 XLA:CPU's own 3x3 convolutions run 1.4-4x slower than oneDNN's on the teacher's layers
 (BENCHMARKS.md). `python -m kd_jax.native.build` compiles onednn_conv.cc against the
@@ -17,13 +17,18 @@ import numpy as np
 from absl import logging
 
 LIBRARY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build", "libkd_jax_onednn.so")
-_CONV3X3_TARGET = "kd_jax_onednn_conv3x3"
+# XLA's name for each handler -> its symbol in the library.
+_TARGETS = {
+    "kd_jax_onednn_conv3x3": "KdJaxOnednnConv3x3",
+    "kd_jax_onednn_conv3x3_backward_data": "KdJaxOnednnConv3x3BackwardData",
+    "kd_jax_onednn_conv3x3_backward_weights": "KdJaxOnednnConv3x3BackwardWeights",
+}
 _portable = contextvars.ContextVar("kd_jax_native_portable", default=False)
 
 
 @functools.cache
 def _registered() -> bool:
-  """Loads the library and registers its handler with XLA, once; False if it is not there."""
+  """Loads the library and registers its handlers with XLA, once; False if it is not there."""
   if not os.path.exists(LIBRARY):
     logging.info("kd_jax: %s not built; CPU convolutions stay XLA's", LIBRARY)
     return False
@@ -32,9 +37,8 @@ def _registered() -> bool:
   except OSError as e:
     logging.warning("kd_jax: cannot load %s (%s); CPU convolutions stay XLA's", LIBRARY, e)
     return False
-  jax.ffi.register_ffi_target(
-      _CONV3X3_TARGET, jax.ffi.pycapsule(library.KdJaxOnednnConv3x3), platform="cpu"
-  )
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   return True
 
 
@@ -58,13 +62,37 @@ def portable():
     _portable.reset(token)
 
 
+def _call(target: str, a: jax.Array, b: jax.Array, out_shape: tuple, stride: int) -> jax.Array:
+  if not _registered():
+    raise RuntimeError(f"{LIBRARY} is not built: run python -m kd_jax.native.build")
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, a.dtype))(
+      a, b, stride=np.int64(stride)
+  )
+
+
 def conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array, stride: int) -> jax.Array:
   """oneDNN's 3x3 convolution, padding 1, float32 (B, H, W, C) -> (B, ceil(H/s), ceil(W/s), D).
 
-  Forward only (no derivative rule); call where `onednn_conv_available()`.
+  No derivative rule of its own (`ops.conv3x3_onednn` has one); call where
+  `onednn_conv_available()`.
   """
   batch, height, width, _ = x_BxHxWxC.shape
   out_shape = (batch, -(-height // stride), -(-width // stride), kernel_3x3xCxD.shape[-1])
-  return jax.ffi.ffi_call(_CONV3X3_TARGET, jax.ShapeDtypeStruct(out_shape, x_BxHxWxC.dtype))(
-      x_BxHxWxC, kernel_3x3xCxD, stride=np.int64(stride)
+  return _call("kd_jax_onednn_conv3x3", x_BxHxWxC, kernel_3x3xCxD, out_shape, stride)
+
+
+def conv3x3_input_gradient(
+    dy_BxOHxOWxD: jax.Array, kernel_3x3xCxD: jax.Array, x_shape: tuple, stride: int
+) -> jax.Array:
+  """The gradient of `conv3x3` with respect to its input x (of shape `x_shape`)."""
+  return _call("kd_jax_onednn_conv3x3_backward_data", dy_BxOHxOWxD, kernel_3x3xCxD, x_shape, stride)
+
+
+def conv3x3_kernel_gradient(
+    x_BxHxWxC: jax.Array, dy_BxOHxOWxD: jax.Array, stride: int
+) -> jax.Array:
+  """The gradient of `conv3x3` with respect to its kernel, (3, 3, C, D)."""
+  kernel_shape = (3, 3, x_BxHxWxC.shape[-1], dy_BxOHxOWxD.shape[-1])
+  return _call(
+      "kd_jax_onednn_conv3x3_backward_weights", x_BxHxWxC, dy_BxOHxOWxD, kernel_shape, stride
   )
