@@ -40,7 +40,9 @@ def test_offline_matches_online_and_reuses_its_cache(quickstart_run, tmp_path):
   # computes in the step, so the student learns the same.
   for a, b in zip(_metrics(online), _metrics(offline), strict=True):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-    assert b["test_top1"] == pytest.approx(a["test_top1"], abs=2 / 360)
+    # At most two of the 360 test images classified differently, counted as images: as
+    # fractions, two images' difference can exceed 2 / 360 by a rounding error.
+    assert abs(round(b["test_top1"] * 360) - round(a["test_top1"] * 360)) <= 2
 
   folder = report["teacher_logits"]["folder"]
   logits_file = os.path.join(folder, "logits.npy")
@@ -175,7 +177,9 @@ def test_consistent_views_match_online_distillation_with_augmentation(quickstart
   for a, b in zip(_metrics(tmp_path / "online"), _metrics(tmp_path / "offline"), strict=True):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     assert b["kl"] == pytest.approx(a["kl"], rel=1e-3)
-    assert b["test_top1"] == pytest.approx(a["test_top1"], abs=2 / 360)
+    # At most two of the 360 test images classified differently, counted as images: as
+    # fractions, two images' difference can exceed 2 / 360 by a rounding error.
+    assert abs(round(b["test_top1"] * 360) - round(a["test_top1"] * 360)) <= 2
 
   folder = offline["teacher_logits"]["folder"]
   assert offline["teacher_logits"]["kind"] == "consistent"
