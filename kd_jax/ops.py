@@ -1,10 +1,10 @@
 """Array functions under kd_jax's layers, in the forms XLA:CPU runs fastest.
 
 Batch normalisation (alone or fused with ReLU and the pool), the global average pool,
-the 3x3 convolution by oneDNN (`kd_jax.native`), by Winograd's F(2x2, 3x3) or, for few input
-channels, as one matrix product, and the 3x3 depthwise convolution as shifted multiply-adds, most with a written
-gradient (BENCHMARKS.md says why each looks as it does), and XLA's own
-convolutions to set beside them. Each equals its plain formulation in values and
+the 3x3 convolution by oneDNN (`kd_jax.native`), by Winograd's F(2x2, 3x3) or, for few
+input channels, as one matrix product, and the 3x3 depthwise convolution as shifted
+multiply-adds, most with a written gradient (BENCHMARKS.md says why each looks as it does),
+and XLA's own convolutions to set beside them. Each equals its plain formulation in values and
 gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout.
 """
 

@@ -63,26 +63,25 @@ def test_depthwise_output_shape_matches_pytorch_padding_1():
   assert ops.depthwise_conv_shifted(x, kernel, 2).shape == (1, 4, 4, 3)
 
 
-@pytest.mark.parametrize("shape", [(2, 6, 8, 20, 24), (1, 4, 2, 3, 17)])
-def test_winograd_conv_matches_lax_conv(shape):
+def _assert_matches_lax_at_stride_1(conv, shape, tol=_TOL):
+  """conv(x, kernel) against ops.conv3x3_lax, values and gradients, for (B, H, W, Cin, Cout)."""
   batch, height, width, cin, cout = shape
   x = normal((batch, height, width, cin))
   kernel = normal((3, 3, cin, cout), seed=1)
-  via_lax = lambda x, kernel, stride: ops.conv3x3_lax(x, kernel)
-  via_winograd = lambda x, kernel, stride: ops.conv3x3_winograd(x, kernel)
+  _assert_same_values_and_grads(
+      lambda x, kernel, stride: conv(x, kernel), ops.conv3x3_lax, x, kernel, 1, tol
+  )
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 8, 20, 24), (1, 4, 2, 3, 17)])
+def test_winograd_conv_matches_lax_conv(shape):
   # The transforms add and subtract whole tiles, so rounding is relative to their magnitude.
-  tol = dict(rtol=1e-5, atol=1e-4)
-  _assert_same_values_and_grads(via_winograd, via_lax, x, kernel, 1, tol)
+  _assert_matches_lax_at_stride_1(ops.conv3x3_winograd, shape, dict(rtol=1e-5, atol=1e-4))
 
 
 @pytest.mark.parametrize("shape", [(2, 5, 6, 3, 7), (1, 4, 2, 1, 16)])
 def test_conv3x3_column_pairs_matches_lax_conv(shape):
-  batch, height, width, cin, cout = shape
-  x = normal((batch, height, width, cin))
-  kernel = normal((3, 3, cin, cout), seed=1)
-  via_lax = lambda x, kernel, stride: ops.conv3x3_lax(x, kernel)
-  via_pairs = lambda x, kernel, stride: ops.conv3x3_column_pairs(x, kernel)
-  _assert_same_values_and_grads(via_pairs, via_lax, x, kernel, 1)
+  _assert_matches_lax_at_stride_1(ops.conv3x3_column_pairs, shape)
 
 
 @pytest.mark.parametrize("stride", [1, 2])

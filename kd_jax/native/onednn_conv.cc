@@ -13,7 +13,6 @@
 #include <mutex>
 #include <tuple>
 #include <unordered_map>
-#include <vector>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -32,8 +31,7 @@ dnnl::engine& Engine() {
 struct Step {
   dnnl::primitive primitive;
   dnnl::memory::desc weights;
-  dnnl::reorder reorder;
-  bool reordered;
+  dnnl::reorder reorder;  // only where `weights` is not HWIO
 };
 
 // The three convolutions of one shape: creating them (oneDNN picks and JIT-compiles kernels)
@@ -46,13 +44,13 @@ struct Primitives {
 
 Step MakeStep(dnnl::primitive primitive, const dnnl::memory::desc& chosen,
               const dnnl::memory::desc& hwio, bool to_hwio) {
-  bool reordered = chosen != hwio;
   dnnl::reorder reorder;
-  if (reordered) {
-    reorder = to_hwio ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), chosen, Engine(), hwio))
-                      : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), hwio, Engine(), chosen));
+  if (chosen != hwio) {
+    reorder = to_hwio
+                  ? dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), chosen, Engine(), hwio))
+                  : dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), hwio, Engine(), chosen));
   }
-  return Step{primitive, chosen, reorder, reordered};
+  return Step{primitive, chosen, reorder};
 }
 
 const Primitives& Get(dnnl::memory::dim n, dnnl::memory::dim h, dnnl::memory::dim w,
@@ -98,7 +96,8 @@ const Primitives& Get(dnnl::memory::dim n, dnnl::memory::dim h, dnnl::memory::di
   return *cache->emplace(key, std::move(primitives)).first->second;
 }
 
-bool Valid(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel, ffi::Span<const int64_t> y) {
+bool Valid(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
+           ffi::Span<const int64_t> y) {
   return x.size() == 4 && kernel.size() == 4 && y.size() == 4 && kernel[0] == 3 &&
          kernel[1] == 3 && kernel[2] == x[3] && kernel[3] == y[3] && x[0] == y[0];
 }
@@ -114,13 +113,14 @@ ffi::Error Run(const Primitives& p, const Step& step, std::unordered_map<int, dn
                int kernel_arg, float* kernel) {
   try {
     dnnl::stream stream(Engine());
-    std::vector<char> scratchpad(p.scratchpad_bytes);
+    // Uninitialised: oneDNN writes its scratch before reading it.
+    std::unique_ptr<char[]> scratchpad(new char[p.scratchpad_bytes]);
     args.emplace(DNNL_ARG_SCRATCHPAD,
-                 dnnl::memory({{static_cast<dnnl::memory::dim>(scratchpad.size())},
+                 dnnl::memory({{static_cast<dnnl::memory::dim>(p.scratchpad_bytes)},
                                dnnl::memory::data_type::u8, dnnl::memory::format_tag::x},
-                              Engine(), scratchpad.data()));
+                              Engine(), scratchpad.get()));
     dnnl::memory hwio(p.hwio, Engine(), kernel);
-    if (!step.reordered) {
+    if (step.weights == p.hwio) {
       args.emplace(kernel_arg, hwio);
       step.primitive.execute(stream, args);
     } else {
