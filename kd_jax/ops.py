@@ -5,7 +5,8 @@ the 3x3 convolution by oneDNN (`kd_jax.native`), by Winograd's F(2x2, 3x3) or, f
 input channels, as one matrix product, and the 3x3 depthwise convolution as shifted
 multiply-adds, most with a written gradient (BENCHMARKS.md says why each looks as it does),
 and XLA's own convolutions to set beside them. Each equals its plain formulation in values and
-gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout.
+gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout. And
+`after`, which orders two computations XLA would otherwise run at once.
 """
 
 import functools
@@ -193,44 +194,50 @@ def _pad_hw(x_BxHxWxC: jax.Array) -> jax.Array:
   return jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
 
 
-def conv3x3_lax(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array, stride: int = 1) -> jax.Array:
-  """3x3 convolution, padding 1, as XLA's convolution (kernel HWIO)."""
+def conv3x3_lax(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int = 1) -> jax.Array:
+  """3x3 convolution, padding 1, as XLA's convolution; the usual form on accelerators.
+
+  The kernel is HWIO with K = C / G input channels for G groups (XLA's
+  feature_group_count): K = C is a dense convolution, K = 1 a depthwise one.
+  """
   return jax.lax.conv_general_dilated(
       x_BxHxWxC,
-      kernel_3x3xCxD,
+      kernel_3x3xKxD,
       window_strides=(stride, stride),
       padding=((1, 1), (1, 1)),
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=x_BxHxWxC.shape[-1] // kernel_3x3xKxD.shape[2],
   )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv3x3_onednn(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array, stride: int) -> jax.Array:
+def conv3x3_onednn(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int) -> jax.Array:
   """3x3 convolution, padding 1, float32, by oneDNN on CPU (`kd_jax.native`), gradients too.
 
-  On the teacher's layers oneDNN ran 1.4-4x faster than XLA:CPU's convolution
-  (BENCHMARKS.md). Only where `native.onednn_conv_available()`.
+  On the teacher's layers oneDNN ran 1.4-4x faster than XLA:CPU's convolution, and
+  on the student's depthwise layers the kernel gradient ~5x faster than
+  `depthwise_conv_shifted`'s (BENCHMARKS.md). Only where `native.onednn_conv_available()`.
 
   Args:
     x_BxHxWxC: input images.
-    kernel_3x3xCxD: the filters, HWIO.
+    kernel_3x3xKxD: the filters, HWIO, grouped as in `conv3x3_lax`.
     stride: the same along height and width.
 
   Returns:
     The convolved images, equal to XLA's convolution up to float rounding.
   """
-  return native.conv3x3(x_BxHxWxC, kernel_3x3xCxD, stride)
+  return native.conv3x3(x_BxHxWxC, kernel_3x3xKxD, stride)
 
 
-def _conv3x3_onednn_forward(x_BxHxWxC, kernel_3x3xCxD, stride):
-  return conv3x3_onednn(x_BxHxWxC, kernel_3x3xCxD, stride), (x_BxHxWxC, kernel_3x3xCxD)
+def _conv3x3_onednn_forward(x_BxHxWxC, kernel_3x3xKxD, stride):
+  return conv3x3_onednn(x_BxHxWxC, kernel_3x3xKxD, stride), (x_BxHxWxC, kernel_3x3xKxD)
 
 
 def _conv3x3_onednn_backward(stride, residuals, dy):
-  x_BxHxWxC, kernel_3x3xCxD = residuals
+  x_BxHxWxC, kernel_3x3xKxD = residuals
   return (
-      native.conv3x3_input_gradient(dy, kernel_3x3xCxD, x_BxHxWxC.shape, stride),
-      native.conv3x3_kernel_gradient(x_BxHxWxC, dy, stride),
+      native.conv3x3_input_gradient(dy, kernel_3x3xKxD, x_BxHxWxC.shape, stride),
+      native.conv3x3_kernel_gradient(x_BxHxWxC, dy, kernel_3x3xKxD.shape, stride),
   )
 
 
@@ -437,26 +444,13 @@ def depthwise_conv_shifted(
   return _shifted_sum(_pad_hw(x_BxHxWxC), kernel_3x3xC, stride, out_h, out_w)
 
 
-def depthwise_conv_grouped(
-    x_BxHxWxC: jax.Array, kernel_3x3x1xC: jax.Array, stride: int
-) -> jax.Array:
-  """3x3 depthwise convolution (padding 1) as an XLA grouped convolution.
+def after(x: jax.Array, dependency: jax.Array) -> jax.Array:
+  """x, made to depend on `dependency`, so that XLA starts x's users only once it is done.
 
-  Same result as `depthwise_conv_shifted`; the faster choice on accelerators.
-
-  Args:
-    x_BxHxWxC: input images.
-    kernel_3x3x1xC: one 3x3 filter per channel.
-    stride: spatial stride (same in both directions).
-
-  Returns:
-    The convolved images, shape (B, (H-1)//stride + 1, (W-1)//stride + 1, C).
+  XLA:CPU runs operations that do not depend on each other at the same time; on a
+  few cores that can slow both, as when oneDNN's threads and XLA's share them (the
+  online step runs ~9% faster with its student waiting for the teacher, BENCHMARKS.md).
+  x gains 0 * sum(dependency), which XLA keeps, as 0 * a is NaN for a non-finite a:
+  a non-finite `dependency` turns x into NaN.
   """
-  return jax.lax.conv_general_dilated(
-      x_BxHxWxC,
-      kernel_3x3x1xC,
-      window_strides=(stride, stride),
-      padding=((1, 1), (1, 1)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=x_BxHxWxC.shape[-1],
-  )
+  return x + jnp.zeros((), x.dtype) * jnp.sum(dependency).astype(x.dtype)

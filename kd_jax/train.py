@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from kd_jax import evaluate, logs, methods, optim, parallel, schedules, teacher_cache
+from kd_jax import evaluate, logs, methods, ops, optim, parallel, schedules, teacher_cache
 from kd_jax.checkpoint import StageCheckpoints
 from kd_jax.data import Dataset
 from kd_jax.data import augment as augment_lib
@@ -226,6 +226,7 @@ def make_train_step(
     teacher_logits_BxC = None
     if teacher is not None:
       teacher_logits_BxC = teacher.apply(teacher_variables, x, train=False)[0]
+      x = ops.after(x, teacher_logits_BxC)  # teacher, then student: see ops.after
     elif "teacher_logits" in batch:  # offline distillation: stored predictions
       teacher_logits_BxC = teacher_cache.decode(batch["teacher_logits"], data.num_classes)
 

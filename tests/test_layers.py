@@ -29,10 +29,15 @@ def test_depthwise_module_matches_grouped_conv_and_nnx_conv_init():
   reference = nnx.Conv(4, 4, (3, 3), feature_group_count=4, use_bias=False, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
   x = normal((2, 9, 9, 4))
-  expected = ops.depthwise_conv_grouped(x, layer.kernel[...], 2)
+  expected = ops.conv3x3_lax(x, layer.kernel[...], 2)
   np.testing.assert_allclose(layer(x), expected, **_TOL)
-  assert not _lowers_to_convolution(layer, x, "cpu")
-  assert _lowers_to_convolution(layer, x, "cuda")
+  # On CPU oneDNN's convolution, else the shifted sum; XLA's grouped convolution elsewhere.
+  assert _calls_onednn(layer, x)
+  with native.portable():
+    assert not _calls_onednn(layer, x)
+    np.testing.assert_allclose(layer(x), expected, **_TOL)
+    assert not _lowers_to_convolution(layer, x, "cpu")
+    assert _lowers_to_convolution(layer, x, "cuda")
 
 
 def _pointwise_via_lax(x, kernel, stride):

@@ -28,7 +28,7 @@ def test_depthwise_shifted_matches_grouped_conv(stride, size):
   kernel = normal((3, 3, 1, 5), seed=1)
   _assert_same_values_and_grads(
       ops.depthwise_conv_shifted,
-      ops.depthwise_conv_grouped,
+      ops.conv3x3_lax,
       x,
       kernel,
       stride,
@@ -85,13 +85,16 @@ def test_conv3x3_column_pairs_matches_lax_conv(shape):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-# Odd and even sizes; an RGB stem and a wider layer.
-@pytest.mark.parametrize("shape", [(2, 7, 8, 3, 16), (1, 6, 5, 20, 24)])
+# (B, H, W, C, kernel input channels, D), odd and even sizes: an RGB stem, a wider layer,
+# a depthwise layer and one of two groups.
+@pytest.mark.parametrize(
+    "shape", [(2, 7, 8, 3, 3, 16), (1, 6, 5, 20, 20, 24), (2, 7, 6, 6, 1, 6), (1, 5, 6, 8, 4, 12)]
+)
 def test_conv3x3_onednn_matches_lax_conv(shape, stride):
   assert native.onednn_conv_available(), "build it first: python -m kd_jax.native.build"
-  batch, height, width, cin, cout = shape
+  batch, height, width, cin, kernel_cin, cout = shape
   x = normal((batch, height, width, cin))
-  kernel = normal((3, 3, cin, cout), seed=1)
+  kernel = normal((3, 3, kernel_cin, cout), seed=1)
   _assert_same_values_and_grads(
       ops.conv3x3_onednn, ops.conv3x3_lax, x, kernel, stride, dict(rtol=1e-5, atol=1e-4)
   )
@@ -143,3 +146,12 @@ def test_normalize_relu_pool_matches_plain_formulation(dtype):
     np.testing.assert_allclose(
         np.asarray(got, np.float32), np.asarray(want, np.float32), **tol, err_msg=name
     )
+
+
+def test_after_keeps_values_and_the_dependency_through_xla():
+  x, dependency = jnp.asarray(normal((4, 3))), jnp.asarray(normal((5,), seed=1))
+  np.testing.assert_array_equal(ops.after(x, dependency), x)
+  assert np.isnan(ops.after(x, dependency.at[0].set(jnp.inf))).all()
+  # XLA's optimiser must not fold the dependency away: the compiled program still sums it.
+  compiled = jax.jit(ops.after).lower(x, dependency).compile().as_text()
+  assert "f32[] reduce(" in compiled

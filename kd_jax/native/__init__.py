@@ -1,7 +1,7 @@
 """kd_jax's native CPU kernels: oneDNN's 3x3 convolution and its gradients, through XLA's FFI.
 
-XLA:CPU's own 3x3 convolutions run 1.4-4x slower than oneDNN's on the teacher's layers
-(BENCHMARKS.md). `python -m kd_jax.native.build` compiles onednn_conv.cc against the
+XLA:CPU's own 3x3 convolutions run 1.4-4x slower than oneDNN's on the teacher's layers,
+and the student's depthwise kernel gradient several times slower (BENCHMARKS.md). `python -m kd_jax.native.build` compiles onednn_conv.cc against the
 oneDNN wheels in requirements.txt; where it has not been built (or cannot load), kd_jax
 keeps to XLA's operations and runs the same, only slower.
 """
@@ -70,29 +70,29 @@ def _call(target: str, a: jax.Array, b: jax.Array, out_shape: tuple, stride: int
   )
 
 
-def conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array, stride: int) -> jax.Array:
+def conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int) -> jax.Array:
   """oneDNN's 3x3 convolution, padding 1, float32 (B, H, W, C) -> (B, ceil(H/s), ceil(W/s), D).
 
-  No derivative rule of its own (`ops.conv3x3_onednn` has one); call where
-  `onednn_conv_available()`.
+  The kernel is HWIO with K = C / G input channels for G groups, as XLA's
+  feature_group_count (K = 1: depthwise). No derivative rule of its own
+  (`ops.conv3x3_onednn` has one); call where `onednn_conv_available()`.
   """
   batch, height, width, _ = x_BxHxWxC.shape
-  out_shape = (batch, -(-height // stride), -(-width // stride), kernel_3x3xCxD.shape[-1])
-  return _call("kd_jax_onednn_conv3x3", x_BxHxWxC, kernel_3x3xCxD, out_shape, stride)
+  out_shape = (batch, -(-height // stride), -(-width // stride), kernel_3x3xKxD.shape[-1])
+  return _call("kd_jax_onednn_conv3x3", x_BxHxWxC, kernel_3x3xKxD, out_shape, stride)
 
 
 def conv3x3_input_gradient(
-    dy_BxOHxOWxD: jax.Array, kernel_3x3xCxD: jax.Array, x_shape: tuple, stride: int
+    dy_BxOHxOWxD: jax.Array, kernel_3x3xKxD: jax.Array, x_shape: tuple, stride: int
 ) -> jax.Array:
   """The gradient of `conv3x3` with respect to its input x (of shape `x_shape`)."""
-  return _call("kd_jax_onednn_conv3x3_backward_data", dy_BxOHxOWxD, kernel_3x3xCxD, x_shape, stride)
+  return _call("kd_jax_onednn_conv3x3_backward_data", dy_BxOHxOWxD, kernel_3x3xKxD, x_shape, stride)
 
 
 def conv3x3_kernel_gradient(
-    x_BxHxWxC: jax.Array, dy_BxOHxOWxD: jax.Array, stride: int
+    x_BxHxWxC: jax.Array, dy_BxOHxOWxD: jax.Array, kernel_shape: tuple, stride: int
 ) -> jax.Array:
-  """The gradient of `conv3x3` with respect to its kernel, (3, 3, C, D)."""
-  kernel_shape = (3, 3, x_BxHxWxC.shape[-1], dy_BxOHxOWxD.shape[-1])
+  """The gradient of `conv3x3` with respect to its kernel (of shape `kernel_shape`)."""
   return _call(
       "kd_jax_onednn_conv3x3_backward_weights", x_BxHxWxC, dy_BxOHxOWxD, kernel_shape, stride
   )

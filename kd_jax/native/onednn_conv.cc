@@ -1,10 +1,12 @@
 // kd_jax's CPU 3x3 convolution: oneDNN's direct convolution and its two gradients as XLA FFI
 // handlers.
 //
-// XLA:CPU runs 3x3 convolutions 1.4-4x slower than oneDNN on the teacher's layers
-// (BENCHMARKS.md), so on CPU kd_jax calls oneDNN. Float32, channels last: input x
-// (N, H, W, C), kernel HWIO (3, 3, C, D), padding 1, stride s, output y
-// (N, ceil(H/s), ceil(W/s), D). Built by `python -m kd_jax.native.build`.
+// XLA:CPU runs 3x3 convolutions 1.4-4x slower than oneDNN on the teacher's layers, and
+// the depthwise kernel gradient several times slower (BENCHMARKS.md), so on CPU kd_jax calls
+// oneDNN. Float32, channels last: input x (N, H, W, C), kernel HWIO (3, 3, C/G, D) for G
+// groups (G = C / the kernel's input channels, as XLA's feature_group_count; G = C is a
+// depthwise convolution), padding 1, stride s, output y (N, ceil(H/s), ceil(W/s), D).
+// Built by `python -m kd_jax.native.build`.
 
 #include <algorithm>
 #include <cstdint>
@@ -55,12 +57,12 @@ Step MakeStep(dnnl::primitive primitive, const dnnl::memory::desc& chosen,
 
 const Primitives& Get(dnnl::memory::dim n, dnnl::memory::dim h, dnnl::memory::dim w,
                       dnnl::memory::dim c, dnnl::memory::dim d, dnnl::memory::dim oh,
-                      dnnl::memory::dim ow, int64_t stride) {
-  using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+                      dnnl::memory::dim ow, int64_t stride, dnnl::memory::dim groups) {
+  using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
   static std::mutex mutex;
   static auto* cache = new std::map<Key, std::unique_ptr<Primitives>>();
   std::lock_guard<std::mutex> lock(mutex);
-  Key key{n, h, w, c, d, stride};
+  Key key{n, h, w, c, d, stride, groups};
   auto found = cache->find(key);
   if (found != cache->end()) return *found->second;
   using tag = dnnl::memory::format_tag;
@@ -69,6 +71,14 @@ const Primitives& Get(dnnl::memory::dim n, dnnl::memory::dim h, dnnl::memory::di
   dnnl::memory::desc src({n, c, h, w}, dt::f32, tag::nhwc);
   dnnl::memory::desc hwio({d, c, 3, 3}, dt::f32, tag::hwio);
   dnnl::memory::desc any({d, c, 3, 3}, dt::f32, tag::any);
+  if (groups > 1) {
+    // oneDNN's grouped kernel is (G, D/G, C/G, 3, 3); XLA's HWIO (3, 3, C/G, D) holds output
+    // channel g * D/G + o at the innermost position, hence these strides.
+    const dnnl::memory::dim dg = d / groups, cg = c / groups;
+    dnnl::memory::dims dims{groups, dg, cg, 3, 3};
+    hwio = dnnl::memory::desc(dims, dt::f32, dnnl::memory::dims{dg, 1, d, 3 * cg * d, cg * d});
+    any = dnnl::memory::desc(dims, dt::f32, tag::any);
+  }
   dnnl::memory::desc dst({n, d, oh, ow}, dt::f32, tag::nhwc);
   dnnl::memory::dims strides{stride, stride}, padding{1, 1};
   dnnl::primitive_attr attr;
@@ -99,12 +109,13 @@ const Primitives& Get(dnnl::memory::dim n, dnnl::memory::dim h, dnnl::memory::di
 bool Valid(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
            ffi::Span<const int64_t> y) {
   return x.size() == 4 && kernel.size() == 4 && y.size() == 4 && kernel[0] == 3 &&
-         kernel[1] == 3 && kernel[2] == x[3] && kernel[3] == y[3] && x[0] == y[0];
+         kernel[1] == 3 && kernel[2] > 0 && x[3] % kernel[2] == 0 &&
+         kernel[3] % (x[3] / kernel[2]) == 0 && kernel[3] == y[3] && x[0] == y[0];
 }
 
 const Primitives& For(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
                       ffi::Span<const int64_t> y, int64_t stride) {
-  return Get(x[0], x[1], x[2], x[3], kernel[3], y[1], y[2], stride);
+  return Get(x[0], x[1], x[2], x[3], kernel[3], y[1], y[2], stride, x[3] / kernel[2]);
 }
 
 // Runs one step; `kernel` is the HWIO kernel it reads (forward, backward data) or writes
@@ -138,7 +149,8 @@ ffi::Error Run(const Primitives& p, const Step& step, std::unordered_map<int, dn
   return ffi::Error::Success();
 }
 
-constexpr char kShapes[] = "conv3x3: expected x (N,H,W,C), kernel (3,3,C,D), y (N,OH,OW,D)";
+constexpr char kShapes[] =
+    "conv3x3: expected x (N,H,W,C), kernel (3,3,C/G,D) with G dividing D, y (N,OH,OW,D)";
 
 ffi::Error Conv3x3(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride) {
