@@ -2,13 +2,16 @@
 
 Times, at batch 128 in float32, each kind of 3x3 convolution in resnet20 (the RGB stem, the
 three stages, the two strided convolutions that open stages 2 and 3) alone, the student's
-widest 1x1 convolution as a matrix product, and the teacher's whole forward pass in inference
-mode, and prints milliseconds and GFLOP/s as one JSON line. With JAX (kd_jax's environment):
-XLA's convolution and the form kd_jax's `layers.Conv3x3` takes on this platform, alternated
-call by call so that both share the machine's drift, and kd_jax's resnet20. With
---framework=torch (the peer's environment): PyTorch's conv2d in channels_last, its matmul, and
-the peer's ResNet-20 (../shared/peers/torch_guide_ref.py) eager in channels_last and under
-torch.compile, as the peer's student_online step runs it.
+widest 1x1 convolution as a matrix product, the student's two stride-1 depthwise layers
+forward and backward (output, input gradient and kernel gradient), and the teacher's whole
+forward pass in inference mode, and prints milliseconds and GFLOP/s as one JSON line. With
+JAX (kd_jax's environment): XLA's convolution and the form kd_jax's `layers.Conv3x3` takes on
+this platform, `ops.depthwise_conv_shifted` and the form `layers.DepthwiseConv` takes,
+alternated call by call so that both share the machine's drift, and kd_jax's resnet20. With
+--framework=torch (the peer's environment): PyTorch's conv2d in channels_last (grouped for
+the depthwise layers, with aten's convolution_backward), its matmul, and the peer's ResNet-20
+(../shared/peers/torch_guide_ref.py) eager in channels_last and under torch.compile, as the
+peer's student_online step runs it.
 
 Each convolution is timed alone, its output the program's result: a chain with eager PyTorch
 pointwise ops in between measured the allocator more than the convolution (BENCHMARKS.md).
@@ -38,6 +41,8 @@ CONVS = {
 }
 # dsconv_student's block3 pointwise product: (128 * 16 * 16, 128) @ (128, 256).
 DOT = (BATCH * 16 * 16, 128, 256)
+# dsconv_student's stride-1 depthwise layers: name -> (height = width, channels).
+DEPTHWISE = {"dw_block2": (16, 64), "dw_block3": (16, 128)}
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PEERS = os.path.join(os.path.dirname(_REPO), "shared", "peers")
 
@@ -64,6 +69,11 @@ def _alternated_ms(calls: dict, repeats: int) -> dict:
   return {name: float(np.median(ms)) for name, ms in times.items()}
 
 
+def _depthwise_gflop(size: int, channels: int) -> float:
+  """Output, input gradient and kernel gradient: nine multiply-adds per output each."""
+  return 3 * 2 * BATCH * size * size * channels * 9 / 1e9
+
+
 def _report(rates: dict, key: str, ms: float, gflop: float) -> None:
   rates[f"{key}_ms"] = round(ms, 2)
   rates[f"{key}_gflop_s"] = round(gflop / ms * 1e3)
@@ -79,7 +89,7 @@ def _jax_rates(repeats: int) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from kd_jax import layers
+  from kd_jax import layers, ops
   from kd_jax.network import create_network
 
   rng = np.random.default_rng(0)
@@ -107,6 +117,36 @@ def _jax_rates(repeats: int) -> dict:
     )
     for variant, variant_ms in ms.items():
       _report(rates, f"{variant}_{name}", variant_ms, _conv_gflop(size, cin, cout, stride))
+  for name, (size, channels) in DEPTHWISE.items():
+    x = jnp.asarray(rng.standard_normal((BATCH, size, size, channels), np.float32))
+    dy = jnp.asarray(rng.standard_normal((BATCH, size, size, channels), np.float32))
+    layer = layers.DepthwiseConv(channels, rngs=nnx.Rngs(0))
+    kernel = layer.kernel[...]
+
+    def train_pass(conv, kernel, x, dy):
+      y, vjp = jax.vjp(conv, x, kernel)
+      return y, *vjp(dy)
+
+    shifted = jax.jit(
+        lambda kernel, x, dy: train_pass(
+            lambda x, kernel: ops.depthwise_conv_shifted(x, kernel, 1), kernel, x, dy
+        )
+    )
+    graphdef, _ = nnx.split(layer)
+
+    def layer_conv(x, kernel, graphdef=graphdef):
+      return nnx.merge(graphdef, nnx.State({"kernel": nnx.Param(kernel)}))(x)
+
+    kd_jax_layer = jax.jit(lambda kernel, x, dy: train_pass(layer_conv, kernel, x, dy))
+    ms = _alternated_ms(
+        {
+            "shifted": lambda: jax.block_until_ready(shifted(kernel, x, dy)),
+            "kd_jax": lambda: jax.block_until_ready(kd_jax_layer(kernel, x, dy)),
+        },
+        repeats,
+    )
+    for variant, variant_ms in ms.items():
+      _report(rates, f"{variant}_{name}_train", variant_ms, _depthwise_gflop(size, channels))
   rows, inner, cols = DOT
   a = jnp.asarray(rng.standard_normal((rows, inner), np.float32))
   b = jnp.asarray(rng.standard_normal((inner, cols), np.float32))
@@ -148,6 +188,29 @@ def _torch_rates(repeats: int) -> dict:
           repeats,
       )["conv2d"]
       _report(rates, f"conv2d_{name}", ms, _conv_gflop(size, cin, cout, stride))
+    for name, (size, channels) in DEPTHWISE.items():
+      x = torch.randn(BATCH, channels, size, size).to(memory_format=channels_last)
+      dy = torch.randn(BATCH, channels, size, size).to(memory_format=channels_last)
+      kernel = torch.randn(channels, 1, 3, 3)
+
+      def train_pass(x=x, dy=dy, kernel=kernel, channels=channels):
+        y = F.conv2d(x, kernel, None, 1, 1, 1, channels)
+        return y, torch.ops.aten.convolution_backward(
+            dy,
+            x,
+            kernel,
+            None,
+            [1, 1],
+            [1, 1],
+            [1, 1],
+            False,
+            [0, 0],
+            channels,
+            [True, True, False],
+        )
+
+      ms = _alternated_ms({"conv2d": train_pass}, repeats)["conv2d"]
+      _report(rates, f"conv2d_{name}_train", ms, _depthwise_gflop(size, channels))
     rows, inner, cols = DOT
     a, b = torch.randn(rows, inner), torch.randn(inner, cols)
     ms = _alternated_ms({"dot": lambda: a @ b}, repeats)["dot"]

@@ -154,9 +154,9 @@ class DepthwiseConv(nnx.Module):
     """Applies the convolution to channels-last images."""
     # In the input's precision (bfloat16 under mixed precision); the weights stay float32.
     kernel = self.kernel[...].astype(x_BxHxWxC.dtype)
-    # XLA's CPU grouped convolution is ~40x slower than the shifted sum, whose kernel
-    # gradient is in turn ~5x slower than oneDNN's. The choice is made when lowering for a
-    # platform, so that an exported model takes each platform's own.
+    # XLA's CPU grouped convolution is ~40x slower than the shifted sum, whose forward and
+    # backward passes are in turn 3-4x slower than oneDNN's. The choice is made when lowering
+    # for a platform, so that an exported model takes each platform's own.
     if x_BxHxWxC.dtype == jnp.float32 and native.onednn_conv_available():
       cpu_conv = ops.conv3x3_onednn
     else:

@@ -1,9 +1,9 @@
 """Array functions under kd_jax's layers, in the forms XLA:CPU runs fastest.
 
 Batch normalisation (alone or fused with ReLU and the pool), the global average pool,
-the 3x3 convolution by oneDNN (`kd_jax.native`), by Winograd's F(2x2, 3x3) or, for few
-input channels, as one matrix product, and the 3x3 depthwise convolution as shifted
-multiply-adds, most with a written gradient (BENCHMARKS.md says why each looks as it does),
+the 3x3 convolution (dense or grouped, depthwise included) by oneDNN (`kd_jax.native`),
+the dense one by Winograd's F(2x2, 3x3) or, for few input channels, as one matrix
+product, and the depthwise one as shifted multiply-adds, most with a written gradient (BENCHMARKS.md says why each looks as it does),
 and XLA's own convolutions to set beside them. Each equals its plain formulation in values and
 gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout. And
 `after`, which orders two computations XLA would otherwise run at once.
@@ -215,8 +215,8 @@ def conv3x3_onednn(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int)
   """3x3 convolution, padding 1, float32, by oneDNN on CPU (`kd_jax.native`), gradients too.
 
   On the teacher's layers oneDNN ran 1.4-4x faster than XLA:CPU's convolution, and
-  on the student's depthwise layers the kernel gradient ~5x faster than
-  `depthwise_conv_shifted`'s (BENCHMARKS.md). Only where `native.onednn_conv_available()`.
+  on the student's depthwise layers forward and backward 3-4x faster than
+  `depthwise_conv_shifted` (BENCHMARKS.md). Only where `native.onednn_conv_available()`.
 
   Args:
     x_BxHxWxC: input images.

@@ -1,7 +1,8 @@
 """kd_jax's native CPU kernels: oneDNN's 3x3 convolution and its gradients, through XLA's FFI.
 
 XLA:CPU's own 3x3 convolutions run 1.4-4x slower than oneDNN's on the teacher's layers,
-and the student's depthwise kernel gradient several times slower (BENCHMARKS.md). `python -m kd_jax.native.build` compiles onednn_conv.cc against the
+and kd_jax's depthwise ones (forward and backward) 3-4x slower on the student's
+(BENCHMARKS.md). `python -m kd_jax.native.build` compiles onednn_conv.cc against the
 oneDNN wheels in requirements.txt; where it has not been built (or cannot load), kd_jax
 keeps to XLA's operations and runs the same, only slower.
 """

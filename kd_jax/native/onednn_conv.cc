@@ -2,8 +2,8 @@
 // handlers.
 //
 // XLA:CPU runs 3x3 convolutions 1.4-4x slower than oneDNN on the teacher's layers, and
-// the depthwise kernel gradient several times slower (BENCHMARKS.md), so on CPU kd_jax calls
-// oneDNN. Float32, channels last: input x (N, H, W, C), kernel HWIO (3, 3, C/G, D) for G
+// kd_jax's depthwise ones (forward and backward) 3-4x slower on the student's (BENCHMARKS.md),
+// so on CPU kd_jax calls oneDNN. Float32, channels last: input x (N, H, W, C), kernel HWIO (3, 3, C/G, D) for G
 // groups (G = C / the kernel's input channels, as XLA's feature_group_count; G = C is a
 // depthwise convolution), padding 1, stride s, output y (N, ceil(H/s), ceil(W/s), D).
 // Built by `python -m kd_jax.native.build`.
