@@ -149,9 +149,10 @@ def test_normalize_relu_pool_matches_plain_formulation(dtype):
 
 
 def test_after_keeps_values_and_the_dependency_through_xla():
-  x, dependency = jnp.asarray(normal((4, 3))), jnp.asarray(normal((5,), seed=1))
+  x, dependency = jnp.asarray(normal((4, 3, 2))), jnp.asarray(normal((4, 5), seed=1))
   np.testing.assert_array_equal(ops.after(x, dependency), x)
-  assert np.isnan(ops.after(x, dependency.at[0].set(jnp.inf))).all()
+  poisoned = np.asarray(ops.after(x, dependency.at[1, 0].set(jnp.inf)))
+  assert np.isnan(poisoned[1]).all() and not np.isnan(np.delete(poisoned, 1, axis=0)).any()
   # XLA's optimiser must not fold the dependency away: the compiled program still sums it.
   compiled = jax.jit(ops.after).lower(x, dependency).compile().as_text()
-  assert "f32[] reduce(" in compiled
+  assert "f32[4]{0} reduce(" in compiled
