@@ -3,10 +3,11 @@
 Batch normalisation (alone or fused with ReLU and the pool), the global average pool,
 the 3x3 convolution (dense or grouped, depthwise included) by oneDNN (`kd_jax.native`),
 the dense one by Winograd's F(2x2, 3x3) or, for few input channels, as one matrix
-product, and the depthwise one as shifted multiply-adds, most with a written gradient (BENCHMARKS.md says why each looks as it does),
-and XLA's own convolutions to set beside them. Each equals its plain formulation in values and
-gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout. And
-`after`, which orders two computations XLA would otherwise run at once.
+product, and the depthwise one as shifted multiply-adds, most with a written gradient
+(BENCHMARKS.md says why each looks as it does), and XLA's own convolutions to set beside
+them. Each equals its plain formulation in values and gradients (tests/test_ops.py,
+tests/test_layers.py). Channels-last arrays throughout. And `after`, which orders two
+computations XLA would otherwise run at once.
 """
 
 import functools
@@ -444,8 +445,8 @@ def depthwise_conv_shifted(
   return _shifted_sum(_pad_hw(x_BxHxWxC), kernel_3x3xC, stride, out_h, out_w)
 
 
-def after(x_BxN: jax.Array, dependency_BxM: jax.Array) -> jax.Array:
-  """x, made to depend on `dependency`, so that XLA starts x's users only once it is done.
+def after(x: jax.Array, dependency: jax.Array) -> jax.Array:
+  """x (B, ...), made to depend on `dependency` (B, ...): XLA starts x's users after it.
 
   XLA:CPU runs operations that do not depend on each other at the same time; on a
   few cores that can slow both, as when oneDNN's threads and XLA's share them (the
@@ -455,6 +456,6 @@ def after(x_BxN: jax.Array, dependency_BxM: jax.Array) -> jax.Array:
   XLA keeps, as 0 * a is NaN for a non-finite a: a non-finite row turns its example
   of x into NaN.
   """
-  row_sums_B = jnp.sum(dependency_BxM.reshape(dependency_BxM.shape[0], -1), axis=1)
-  zeros_B = jnp.zeros((), x_BxN.dtype) * row_sums_B.astype(x_BxN.dtype)
-  return x_BxN + zeros_B.reshape((-1,) + (1,) * (x_BxN.ndim - 1))
+  row_sums_B = jnp.sum(dependency.reshape(dependency.shape[0], -1), axis=1)
+  zeros_B = jnp.zeros((), x.dtype) * row_sums_B.astype(x.dtype)
+  return x + zeros_B.reshape((-1,) + (1,) * (x.ndim - 1))

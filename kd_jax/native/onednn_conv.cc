@@ -3,10 +3,10 @@
 //
 // XLA:CPU runs 3x3 convolutions 1.4-4x slower than oneDNN on the teacher's layers, and
 // kd_jax's depthwise ones (forward and backward) 3-4x slower on the student's (BENCHMARKS.md),
-// so on CPU kd_jax calls oneDNN. Float32, channels last: input x (N, H, W, C), kernel HWIO (3, 3, C/G, D) for G
-// groups (G = C / the kernel's input channels, as XLA's feature_group_count; G = C is a
-// depthwise convolution), padding 1, stride s, output y (N, ceil(H/s), ceil(W/s), D).
-// Built by `python -m kd_jax.native.build`.
+// so on CPU kd_jax calls oneDNN. Float32, channels last: input x (N, H, W, C), kernel HWIO
+// (3, 3, C/G, D) for G groups (G = C / the kernel's input channels, as XLA's
+// feature_group_count; G = C is a depthwise convolution), padding 1, stride s, output y
+// (N, ceil(H/s), ceil(W/s), D). Built by `python -m kd_jax.native.build`.
 
 #include <algorithm>
 #include <cstdint>
@@ -109,7 +109,7 @@ const Primitives& Get(dnnl::memory::dim n, dnnl::memory::dim h, dnnl::memory::di
 bool Valid(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
            ffi::Span<const int64_t> y) {
   return x.size() == 4 && kernel.size() == 4 && y.size() == 4 && kernel[0] == 3 &&
-         kernel[1] == 3 && kernel[2] > 0 && x[3] % kernel[2] == 0 &&
+         kernel[1] == 3 && x[3] > 0 && kernel[2] > 0 && x[3] % kernel[2] == 0 &&
          kernel[3] % (x[3] / kernel[2]) == 0 && kernel[3] == y[3] && x[0] == y[0];
 }
 
