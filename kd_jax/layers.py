@@ -130,6 +130,45 @@ def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.
   )
 
 
+def conv_bn(
+    conv: Conv3x3,
+    bn: BatchNorm,
+    x_BxHxWxC: jax.Array,
+    *,
+    relu: bool,
+    residual: jax.Array | None = None,
+) -> jax.Array:
+  """bn(conv(x)) (+ residual), then ReLU if `relu`: a residual block's conv-BN pairs.
+
+  In inference on CPU (float32, `native.onednn_conv_available()`), the batch norm is
+  folded into the convolution's kernel and bias and the whole runs as one
+  `ops.conv3x3_bias_onednn` call; otherwise as the modules themselves.
+  """
+  stride_h, stride_w = (conv.strides,) * 2 if isinstance(conv.strides, int) else conv.strides
+  if not (
+      bn.use_running_average
+      and x_BxHxWxC.dtype == jnp.float32
+      and stride_h == stride_w
+      and native.onednn_conv_available()
+  ):
+    y = bn(conv(x_BxHxWxC))
+    if residual is not None:
+      y = y + residual
+    return nnx.relu(y) if relu else y
+  scale_D = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+  kernel = conv.kernel[...] * scale_D
+  bias_D = bn.bias[...] - bn.mean[...] * scale_D
+  fused = functools.partial(ops.conv3x3_bias_onednn, stride=stride_h, relu=relu)
+  return jax.lax.platform_dependent(
+      x_BxHxWxC,
+      kernel,
+      bias_D,
+      residual,
+      cpu=lambda *args: fused(*args),
+      default=lambda *args: ops.conv3x3_bias_lax(*args, stride_h, relu),
+  )
+
+
 class DepthwiseConv(nnx.Module):
   """Bias-free 3x3 depthwise convolution, one filter per channel, padding 1.
 
@@ -288,10 +327,9 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
-    out = nnx.relu(self.bn1(self.conv1(x_BxHxWxC)))
-    out = self.bn2(self.conv2(out))
+    out = conv_bn(self.conv1, self.bn1, x_BxHxWxC, relu=True)
     residual = x_BxHxWxC if self.shortcut is None else self.shortcut(x_BxHxWxC)
-    return nnx.relu(out + residual)
+    return conv_bn(self.conv2, self.bn2, out, relu=True, residual=residual)
 
 
 class WideBasicBlock(nnx.Module):

@@ -95,7 +95,7 @@ class CifarResNet(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the logits (B, num_classes) for images (B, H, W, C)."""
-    x = nnx.relu(self.stem_bn(self.stem_conv(x_BxHxWxC)))
+    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, relu=True)
     for block in self.blocks:
       x = block(x)
     return self.fc(ops.global_avg_pool(x))

@@ -104,6 +104,36 @@ def test_conv3x3_matches_nnx_conv_and_takes_a_cpu_form_where_it_pays(
     assert _lowers_to_convolution(layer, x, "cuda")
 
 
+@pytest.mark.parametrize("strides, with_residual", [(1, True), (2, False)])
+def test_conv_bn_in_inference_is_one_onednn_call_equal_to_the_modules(strides, with_residual):
+  conv = layers.conv3x3(6, 8, strides=strides, rngs=nnx.Rngs(0))
+  bn = layers.batch_norm(8, rngs=nnx.Rngs(0))
+  bn.scale[...] = jnp.asarray(normal((8,), seed=3)) + 2.0
+  bn.bias[...] = jnp.asarray(normal((8,), seed=4))
+  bn.mean[...], bn.var[...] = jnp.full((8,), 0.5), jnp.full((8,), 2.0)
+  x = normal((2, 8, 8, 6))
+  residual = normal((2, 8 // strides, 8 // strides, 8), seed=5) if with_residual else None
+
+  def conv_bn(modules, x):
+    return layers.conv_bn(*modules, x, relu=True, residual=residual)
+
+  def lowered(x):
+    # A fresh function each time: jit would reuse a trace made outside or inside portable().
+    graphdef, state = nnx.split((conv, bn))
+    return jax.jit(lambda state, x: conv_bn(nnx.merge(graphdef, state), x)).lower(state, x)
+
+  for mode in ("train", "eval"):
+    getattr(bn, mode)()
+    y = bn(conv(x))
+    expected = nnx.relu(y if residual is None else y + residual)
+    np.testing.assert_allclose(conv_bn((conv, bn), x), expected, rtol=1e-5, atol=1e-4)
+    # Batch norm folded into oneDNN's convolution in inference only, and not when portable.
+    calls = "kd_jax_onednn_conv3x3_inference" in lowered(x).as_text()
+    assert calls == (mode == "eval")
+    with native.portable():
+      assert "kd_jax_onednn" not in lowered(x).as_text()
+
+
 def _batch_norm_pair(features):
   """kd_jax's BatchNorm and nnx.BatchNorm with the same settings and a non-trivial state."""
   ours = layers.batch_norm(features, rngs=nnx.Rngs(0))

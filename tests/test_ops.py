@@ -100,6 +100,33 @@ def test_conv3x3_onednn_matches_lax_conv(shape, stride):
   )
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("relu, with_residual", [(True, True), (True, False), (False, True)])
+def test_conv3x3_bias_onednn_matches_lax(stride, relu, with_residual):
+  x = jnp.asarray(normal((2, 7, 6, 5)))
+  kernel, bias = jnp.asarray(normal((3, 3, 5, 8), seed=1)), jnp.asarray(normal((8,), seed=2))
+  out_shape = (2, -(-7 // stride), -(-6 // stride), 8)
+  residual = jnp.asarray(normal(out_shape, seed=3)) if with_residual else None
+  cotangent = jnp.asarray(random_cotangent(out_shape))
+
+  def values_and_grads(conv):
+    y, vjp = jax.vjp(lambda *args: conv(*args, stride, relu), x, kernel, bias, residual)
+    return y, vjp(cotangent)
+
+  (y, grads), (y_lax, grads_lax) = map(
+      values_and_grads, (ops.conv3x3_bias_onednn, ops.conv3x3_bias_lax)
+  )
+  np.testing.assert_allclose(y, y_lax, rtol=1e-5, atol=1e-4)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_lax), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  assert (
+      "kd_jax_onednn_conv3x3_inference"
+      in jax.jit(lambda *args: ops.conv3x3_bias_onednn(*args, stride, relu))
+      .lower(x, kernel, bias, residual)
+      .as_text()
+  )
+
+
 def test_native_calls_stay_out_of_portable_tracing():
   fn = lambda x, kernel: ops.conv3x3_onednn(x, kernel, 1)
   x, kernel = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 3))

@@ -1,4 +1,5 @@
-"""kd_jax's native CPU kernels: oneDNN's 3x3 convolution and its gradients, through XLA's FFI.
+"""kd_jax's native CPU kernels: oneDNN's 3x3 convolution, its gradients and an inference form
+with bias, residual and ReLU fused, through XLA's FFI.
 
 XLA:CPU's own 3x3 convolutions run 1.4-4x slower than oneDNN's on the teacher's layers,
 and kd_jax's depthwise ones (forward and backward) 3-4x slower on the student's
@@ -23,6 +24,8 @@ _TARGETS = {
     "kd_jax_onednn_conv3x3": "KdJaxOnednnConv3x3",
     "kd_jax_onednn_conv3x3_backward_data": "KdJaxOnednnConv3x3BackwardData",
     "kd_jax_onednn_conv3x3_backward_weights": "KdJaxOnednnConv3x3BackwardWeights",
+    "kd_jax_onednn_conv3x3_inference": "KdJaxOnednnConv3x3Inference",
+    "kd_jax_onednn_conv3x3_inference_residual": "KdJaxOnednnConv3x3InferenceResidual",
 }
 _portable = contextvars.ContextVar("kd_jax_native_portable", default=False)
 
@@ -63,12 +66,16 @@ def portable():
     _portable.reset(token)
 
 
-def _call(target: str, a: jax.Array, b: jax.Array, out_shape: tuple, stride: int) -> jax.Array:
+def _call(target: str, out_shape: tuple, *arrays: jax.Array, **attributes) -> jax.Array:
   if not _registered():
     raise RuntimeError(f"{LIBRARY} is not built: run python -m kd_jax.native.build")
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, a.dtype))(
-      a, b, stride=np.int64(stride)
-  )
+  out = jax.ShapeDtypeStruct(out_shape, arrays[0].dtype)
+  return jax.ffi.ffi_call(target, out)(*arrays, **attributes)
+
+
+def _conv3x3_out_shape(x_shape: tuple, kernel_3x3xKxD: jax.Array, stride: int) -> tuple:
+  batch, height, width, _ = x_shape
+  return (batch, -(-height // stride), -(-width // stride), kernel_3x3xKxD.shape[-1])
 
 
 def conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int) -> jax.Array:
@@ -78,16 +85,53 @@ def conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int) -> jax
   feature_group_count (K = 1: depthwise). No derivative rule of its own
   (`ops.conv3x3_onednn` has one); call where `onednn_conv_available()`.
   """
-  batch, height, width, _ = x_BxHxWxC.shape
-  out_shape = (batch, -(-height // stride), -(-width // stride), kernel_3x3xKxD.shape[-1])
-  return _call("kd_jax_onednn_conv3x3", x_BxHxWxC, kernel_3x3xKxD, out_shape, stride)
+  out_shape = _conv3x3_out_shape(x_BxHxWxC.shape, kernel_3x3xKxD, stride)
+  return _call(
+      "kd_jax_onednn_conv3x3", out_shape, x_BxHxWxC, kernel_3x3xKxD, stride=np.int64(stride)
+  )
+
+
+def conv3x3_inference(
+    x_BxHxWxC: jax.Array,
+    kernel_3x3xKxD: jax.Array,
+    bias_D: jax.Array,
+    residual: jax.Array | None,
+    stride: int,
+    relu: bool,
+) -> jax.Array:
+  """`conv3x3` + bias (+ residual, shaped as the output), then ReLU if `relu`, in one pass.
+
+  For inference: no derivative rule of its own (`ops.conv3x3_bias_onednn` has one).
+  """
+  out_shape = _conv3x3_out_shape(x_BxHxWxC.shape, kernel_3x3xKxD, stride)
+  target = "kd_jax_onednn_conv3x3_inference"
+  if residual is None:
+    residual = bias_D  # a placeholder: this handler does not read it
+  else:
+    target += "_residual"
+  return _call(
+      target,
+      out_shape,
+      x_BxHxWxC,
+      kernel_3x3xKxD,
+      bias_D,
+      residual,
+      stride=np.int64(stride),
+      relu=relu,
+  )
 
 
 def conv3x3_input_gradient(
     dy_BxOHxOWxD: jax.Array, kernel_3x3xKxD: jax.Array, x_shape: tuple, stride: int
 ) -> jax.Array:
   """The gradient of `conv3x3` with respect to its input x (of shape `x_shape`)."""
-  return _call("kd_jax_onednn_conv3x3_backward_data", dy_BxOHxOWxD, kernel_3x3xKxD, x_shape, stride)
+  return _call(
+      "kd_jax_onednn_conv3x3_backward_data",
+      x_shape,
+      dy_BxOHxOWxD,
+      kernel_3x3xKxD,
+      stride=np.int64(stride),
+  )
 
 
 def conv3x3_kernel_gradient(
@@ -95,5 +139,9 @@ def conv3x3_kernel_gradient(
 ) -> jax.Array:
   """The gradient of `conv3x3` with respect to its kernel (of shape `kernel_shape`)."""
   return _call(
-      "kd_jax_onednn_conv3x3_backward_weights", x_BxHxWxC, dy_BxOHxOWxD, kernel_shape, stride
+      "kd_jax_onednn_conv3x3_backward_weights",
+      kernel_shape,
+      x_BxHxWxC,
+      dy_BxOHxOWxD,
+      stride=np.int64(stride),
   )
