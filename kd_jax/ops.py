@@ -3,9 +3,10 @@
 Batch normalisation (alone or fused with ReLU and the pool), the global average pool,
 the 3x3 convolution (dense or grouped, depthwise included) by oneDNN (`kd_jax.native`),
 the dense one by Winograd's F(2x2, 3x3) or, for few input channels, as one matrix
-product, and the depthwise one as shifted multiply-adds, most with a written gradient
-(BENCHMARKS.md says why each looks as it does), and XLA's own convolutions to set beside
-them. Each equals its plain formulation in values and gradients (tests/test_ops.py,
+product, and the depthwise one as shifted multiply-adds; for inference, the convolution
+with a folded batch norm's bias, a residual and ReLU in one oneDNN call; most with a written
+gradient (BENCHMARKS.md says why each looks as it does), and XLA's own convolutions to set
+beside them. Each equals its plain formulation in values and gradients (tests/test_ops.py,
 tests/test_layers.py). Channels-last arrays throughout. And `after`, which orders two
 computations XLA would otherwise run at once.
 """
