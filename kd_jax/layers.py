@@ -158,13 +158,13 @@ def conv_bn(
   scale_D = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
   kernel = conv.kernel[...] * scale_D
   bias_D = bn.bias[...] - bn.mean[...] * scale_D
-  fused = functools.partial(ops.conv3x3_bias_onednn, stride=stride_h, relu=relu)
+  # Chosen when lowering for a platform, as in Conv3x3.
   return jax.lax.platform_dependent(
       x_BxHxWxC,
       kernel,
       bias_D,
       residual,
-      cpu=lambda *args: fused(*args),
+      cpu=lambda *args: ops.conv3x3_bias_onednn(*args, stride_h, relu),
       default=lambda *args: ops.conv3x3_bias_lax(*args, stride_h, relu),
   )
 
