@@ -66,11 +66,13 @@ def portable():
     _portable.reset(token)
 
 
-def _call(target: str, out_shape: tuple, *arrays: jax.Array, **attributes) -> jax.Array:
+def _call(
+    target: str, out_shape: tuple, *arrays: jax.Array, stride: int, **attributes
+) -> jax.Array:
   if not _registered():
     raise RuntimeError(f"{LIBRARY} is not built: run python -m kd_jax.native.build")
   out = jax.ShapeDtypeStruct(out_shape, arrays[0].dtype)
-  return jax.ffi.ffi_call(target, out)(*arrays, **attributes)
+  return jax.ffi.ffi_call(target, out)(*arrays, stride=np.int64(stride), **attributes)
 
 
 def _conv3x3_out_shape(x_shape: tuple, kernel_3x3xKxD: jax.Array, stride: int) -> tuple:
@@ -86,9 +88,7 @@ def conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int) -> jax
   (`ops.conv3x3_onednn` has one); call where `onednn_conv_available()`.
   """
   out_shape = _conv3x3_out_shape(x_BxHxWxC.shape, kernel_3x3xKxD, stride)
-  return _call(
-      "kd_jax_onednn_conv3x3", out_shape, x_BxHxWxC, kernel_3x3xKxD, stride=np.int64(stride)
-  )
+  return _call("kd_jax_onednn_conv3x3", out_shape, x_BxHxWxC, kernel_3x3xKxD, stride=stride)
 
 
 def conv3x3_inference(
@@ -116,7 +116,7 @@ def conv3x3_inference(
       kernel_3x3xKxD,
       bias_D,
       residual,
-      stride=np.int64(stride),
+      stride=stride,
       relu=relu,
   )
 
@@ -130,7 +130,7 @@ def conv3x3_input_gradient(
       x_shape,
       dy_BxOHxOWxD,
       kernel_3x3xKxD,
-      stride=np.int64(stride),
+      stride=stride,
   )
 
 
@@ -143,5 +143,5 @@ def conv3x3_kernel_gradient(
       kernel_shape,
       x_BxHxWxC,
       dy_BxOHxOWxD,
-      stride=np.int64(stride),
+      stride=stride,
   )

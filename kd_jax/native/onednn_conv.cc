@@ -37,8 +37,7 @@ struct Step {
   dnnl::reorder reorder;  // only where `weights` is not HWIO
 };
 
-// The three convolutions of one shape: creating them (oneDNN picks and JIT-compiles kernels)
-// costs far more than running them.
+// The three convolutions of one shape.
 struct Primitives {
   dnnl::memory::desc src, hwio, dst;
   Step forward, backward_data, backward_weights;
@@ -92,39 +91,47 @@ dnnl::primitive_attr UserScratchpad() {
   return attr;
 }
 
+// The value made for `key` the first time it is asked for: creating primitives (oneDNN picks and
+// JIT-compiles kernels) costs far more than running them. One cache per Value type.
+template <typename Value, typename Key, typename Make>
+const Value& Cached(const Key& key, Make make) {
+  static std::mutex mutex;
+  static auto* cache = new std::map<Key, std::unique_ptr<Value>>();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = cache->find(key);
+  if (found == cache->end()) {
+    found = cache->emplace(key, std::make_unique<Value>(make())).first;
+  }
+  return *found->second;
+}
+
 const Primitives& Get(dnnl::memory::dim n, dnnl::memory::dim h, dnnl::memory::dim w,
                       dnnl::memory::dim c, dnnl::memory::dim d, dnnl::memory::dim oh,
                       dnnl::memory::dim ow, int64_t stride, dnnl::memory::dim groups) {
-  using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
-  static std::mutex mutex;
-  static auto* cache = new std::map<Key, std::unique_ptr<Primitives>>();
-  std::lock_guard<std::mutex> lock(mutex);
-  Key key{n, h, w, c, d, stride, groups};
-  auto found = cache->find(key);
-  if (found != cache->end()) return *found->second;
-  const Layouts l = MakeLayouts(n, h, w, c, d, oh, ow, stride, groups);
-  const dnnl::primitive_attr attr = UserScratchpad();
-  dnnl::convolution_forward::primitive_desc forward(
-      Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, l.src,
-      l.any, l.dst, l.strides, l.padding, l.padding, attr);
-  dnnl::convolution_backward_data::primitive_desc backward_data(
-      Engine(), dnnl::algorithm::convolution_direct, l.src, l.any, l.dst, l.strides, l.padding,
-      l.padding, forward, attr);
-  dnnl::convolution_backward_weights::primitive_desc backward_weights(
-      Engine(), dnnl::algorithm::convolution_direct, l.src, l.any, l.dst, l.strides, l.padding,
-      l.padding, forward, attr);
-  size_t scratchpad_bytes = std::max({forward.scratchpad_desc().get_size(),
-                                      backward_data.scratchpad_desc().get_size(),
-                                      backward_weights.scratchpad_desc().get_size()});
-  auto primitives = std::make_unique<Primitives>(Primitives{
-      l.src, l.hwio, l.dst,
-      MakeStep(dnnl::convolution_forward(forward), forward.weights_desc(), l.hwio, false),
-      MakeStep(dnnl::convolution_backward_data(backward_data), backward_data.weights_desc(),
-               l.hwio, false),
-      MakeStep(dnnl::convolution_backward_weights(backward_weights),
-               backward_weights.diff_weights_desc(), l.hwio, true),
-      scratchpad_bytes});
-  return *cache->emplace(key, std::move(primitives)).first->second;
+  return Cached<Primitives>(std::make_tuple(n, h, w, c, d, stride, groups), [&] {
+    const Layouts l = MakeLayouts(n, h, w, c, d, oh, ow, stride, groups);
+    const dnnl::primitive_attr attr = UserScratchpad();
+    dnnl::convolution_forward::primitive_desc forward(
+        Engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, l.src,
+        l.any, l.dst, l.strides, l.padding, l.padding, attr);
+    dnnl::convolution_backward_data::primitive_desc backward_data(
+        Engine(), dnnl::algorithm::convolution_direct, l.src, l.any, l.dst, l.strides, l.padding,
+        l.padding, forward, attr);
+    dnnl::convolution_backward_weights::primitive_desc backward_weights(
+        Engine(), dnnl::algorithm::convolution_direct, l.src, l.any, l.dst, l.strides, l.padding,
+        l.padding, forward, attr);
+    size_t scratchpad_bytes = std::max({forward.scratchpad_desc().get_size(),
+                                        backward_data.scratchpad_desc().get_size(),
+                                        backward_weights.scratchpad_desc().get_size()});
+    return Primitives{
+        l.src, l.hwio, l.dst,
+        MakeStep(dnnl::convolution_forward(forward), forward.weights_desc(), l.hwio, false),
+        MakeStep(dnnl::convolution_backward_data(backward_data), backward_data.weights_desc(),
+                 l.hwio, false),
+        MakeStep(dnnl::convolution_backward_weights(backward_weights),
+                 backward_weights.diff_weights_desc(), l.hwio, true),
+        scratchpad_bytes};
+  });
 }
 
 // The inference convolution of one shape, with its bias, residual and ReLU as oneDNN post-ops.
@@ -138,30 +145,23 @@ const Inference& GetInference(dnnl::memory::dim n, dnnl::memory::dim h, dnnl::me
                               dnnl::memory::dim c, dnnl::memory::dim d, dnnl::memory::dim oh,
                               dnnl::memory::dim ow, int64_t stride, dnnl::memory::dim groups,
                               bool residual, bool relu) {
-  using Key =
-      std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, bool>;
-  static std::mutex mutex;
-  static auto* cache = new std::map<Key, std::unique_ptr<Inference>>();
-  std::lock_guard<std::mutex> lock(mutex);
-  Key key{n, h, w, c, d, stride, groups, residual, relu};
-  auto found = cache->find(key);
-  if (found != cache->end()) return *found->second;
-  const Layouts l = MakeLayouts(n, h, w, c, d, oh, ow, stride, groups);
-  dnnl::memory::desc bias({d}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::x);
-  // The residual is added after the bias and before the ReLU, as in a residual block.
-  dnnl::post_ops post_ops;
-  if (residual) post_ops.append_binary(dnnl::algorithm::binary_add, l.dst);
-  if (relu) post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
-  dnnl::primitive_attr attr = UserScratchpad();
-  attr.set_post_ops(post_ops);
-  dnnl::convolution_forward::primitive_desc forward(
-      Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, l.src,
-      l.any, bias, l.dst, l.strides, l.padding, l.padding, attr);
-  auto inference = std::make_unique<Inference>(Inference{
-      l.src, l.hwio, bias, l.dst,
-      MakeStep(dnnl::convolution_forward(forward), forward.weights_desc(), l.hwio, false),
-      forward.scratchpad_desc().get_size()});
-  return *cache->emplace(key, std::move(inference)).first->second;
+  return Cached<Inference>(std::make_tuple(n, h, w, c, d, stride, groups, residual, relu), [&] {
+    const Layouts l = MakeLayouts(n, h, w, c, d, oh, ow, stride, groups);
+    dnnl::memory::desc bias({d}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::x);
+    // The residual is added after the bias and before the ReLU, as in a residual block.
+    dnnl::post_ops post_ops;
+    if (residual) post_ops.append_binary(dnnl::algorithm::binary_add, l.dst);
+    if (relu) post_ops.append_eltwise(dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+    dnnl::primitive_attr attr = UserScratchpad();
+    attr.set_post_ops(post_ops);
+    dnnl::convolution_forward::primitive_desc forward(
+        Engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, l.src,
+        l.any, bias, l.dst, l.strides, l.padding, l.padding, attr);
+    return Inference{
+        l.src, l.hwio, bias, l.dst,
+        MakeStep(dnnl::convolution_forward(forward), forward.weights_desc(), l.hwio, false),
+        forward.scratchpad_desc().get_size()};
+  });
 }
 
 bool Valid(ffi::Span<const int64_t> x, ffi::Span<const int64_t> kernel,
