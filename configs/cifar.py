@@ -8,8 +8,8 @@
 from configs import default
 
 
-def get_config():
-  """SGD for the ResNet teacher, Adam with warm-up and cosine decay for the student."""
+def get_config(arg: str = ""):
+  """Nesterov SGD with warm-up and cosine decay for both stages; `budget`: 15 + 15 epochs."""
   config = default.get_config()
   config.data.source = "tfds"
   config.data.name = "cifar10"
@@ -28,8 +28,18 @@ def get_config():
   config.student.epochs = 60
   config.student.batch_size = 128
   config.student.optimizer = default.optimizer_config(
-      name="adamw", learning_rate=2e-3, weight_decay=5e-4, warmup_epochs=1
+      name="sgd",
+      learning_rate=0.05,
+      momentum=0.9,
+      nesterov=True,
+      weight_decay=5e-4,
+      warmup_epochs=2,
+      grad_clip_norm=0.0,
   )
   config.distill.temperature = 4.0
   config.distill.alpha = 0.9
+  if arg == "budget":  # a CPU-sized run
+    config.teacher.epochs = config.student.epochs = 15
+  elif arg:
+    raise ValueError(f"unknown variant {arg!r} of configs/cifar.py; use 'budget' or none")
   return config
