@@ -3,13 +3,15 @@ as a PyTorch user would run it on a CPU.
 
 Times three training steps at batch 128 on 32x32x3 inputs (fp32, CPU threads = cores):
   teacher_train      CIFAR ResNet-20, cross-entropy, SGD with momentum
-  student_offline    the depthwise-separable student, distillation loss against cached teacher logits, Adam
+  student_offline    the depthwise-separable student, distillation loss against cached teacher
+                     logits, Adam
   student_online     the same, with the ResNet-20 teacher's forward (no grad) inside the step
 in three variants (eager NCHW, eager channels_last, torch.compile) and prints one JSON line with
 images/s for each step and variant, and the best variant per step ("best_*").
 
 Set up once:  python3 -m venv ~/torchref && ~/torchref/bin/pip install torch==2.13.0 numpy
-Run:          ~/torchref/bin/python bench/torch_peer.py [--variants eager,channels_last,compile] [--steps 20]
+Run:          ~/torchref/bin/python bench/torch_peer.py [--variants eager,channels_last,compile]
+                  [--steps 20]
 """
 import argparse, json, time
 import torch, torch.nn as nn, torch.nn.functional as F
@@ -55,7 +57,9 @@ class Block(nn.Module):
 class ResNet(nn.Module):  # CIFAR ResNet-(6n+2); n=3 is ResNet-20
   def __init__(self, n=3, widths=(16, 32, 64), num_classes=10):
     super().__init__()
-    self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+    self.stem = nn.Sequential(
+        nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()
+    )
     layers, cin = [], widths[0]
     for i, w in enumerate(widths):
       for j in range(n):
@@ -69,8 +73,11 @@ class ResNet(nn.Module):  # CIFAR ResNet-(6n+2); n=3 is ResNet-20
 
 def distillation_loss(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5):
   hard = F.cross_entropy(student_logits, labels)
-  kl = F.kl_div(F.log_softmax(student_logits / temperature, 1), F.softmax(teacher_logits / temperature, 1),
-                  reduction="batchmean")
+  kl = F.kl_div(
+      F.log_softmax(student_logits / temperature, 1),
+      F.softmax(teacher_logits / temperature, 1),
+      reduction="batchmean",
+  )
   return (1 - alpha) * hard + alpha * temperature ** 2 * kl
 
 
@@ -87,7 +94,8 @@ def time_step(step, steps, warmup=3):
 def bench(variant, batch=128, steps=20):
   torch.manual_seed(0)
   student, teacher = Student(), ResNet()
-  x = torch.randn(batch, 3, 32, 32); y = torch.randint(0, 10, (batch,)); cached = torch.randn(batch, 10)
+  x = torch.randn(batch, 3, 32, 32); y = torch.randint(0, 10, (batch,))
+  cached = torch.randn(batch, 10)
   if variant in ("channels_last", "compile"):
     student = student.to(memory_format=torch.channels_last)
     teacher = teacher.to(memory_format=torch.channels_last)
