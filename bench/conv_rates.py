@@ -10,7 +10,7 @@ this platform, `ops.depthwise_conv_shifted` and the form `layers.DepthwiseConv` 
 alternated call by call so that both share the machine's drift, and kd_jax's resnet20. With
 --framework=torch (the peer's environment): PyTorch's conv2d in channels_last (grouped for
 the depthwise layers, with aten's convolution_backward), its matmul, and the peer's ResNet-20
-(../shared/peers/torch_guide_ref.py) eager in channels_last and under torch.compile, as the
+(bench/torch_peer.py) eager in channels_last and under torch.compile, as the
 peer's student_online step runs it.
 
 Each convolution is timed alone, its output the program's result: a chain with eager PyTorch
@@ -18,7 +18,7 @@ pointwise ops in between measured the allocator more than the convolution (BENCH
 
 Usage (from the repository root):
   .venv/bin/python bench/conv_rates.py
-  /tmp/torchref/bin/python bench/conv_rates.py --framework=torch
+  ~/torchref/bin/python bench/conv_rates.py --framework=torch
 """
 
 import argparse
@@ -44,7 +44,6 @@ DOT = (BATCH * 16 * 16, 128, 256)
 # dsconv_student's stride-1 depthwise layers: name -> (height = width, channels).
 DEPTHWISE = {"dw_block2": (16, 64), "dw_block3": (16, 128)}
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_PEERS = os.path.join(os.path.dirname(_REPO), "shared", "peers")
 
 
 def _conv_gflop(size: int, cin: int, cout: int, stride: int) -> float:
@@ -215,19 +214,16 @@ def _torch_rates(repeats: int) -> dict:
     a, b = torch.randn(rows, inner), torch.randn(inner, cols)
     ms = _alternated_ms({"dot": lambda: a @ b}, repeats)["dot"]
     _report(rates, "dot", ms, 2 * rows * inner * cols / 1e9)
-    if os.path.exists(os.path.join(_PEERS, "torch_guide_ref.py")):
-      sys.path.insert(0, _PEERS)
-      from torch_guide_ref import ResNet
+    # The peer's ResNet-20, beside this script (bench/ is on the path when it runs).
+    from torch_peer import ResNet
 
-      teacher = ResNet().to(memory_format=channels_last).eval()
-      images = torch.randn(BATCH, 3, 32, 32).to(memory_format=channels_last)
-      forwards = {"eager_channels_last": teacher, "compile": torch.compile(teacher)}
-      for variant, forward in forwards.items():
-        forward(images)  # compiles
-        ms = _alternated_ms({variant: lambda forward=forward: forward(images)}, repeats)[variant]
-        rates[f"{variant}_teacher_forward_ms"] = round(ms, 2)
-    else:
-      print(f"no peer at {_PEERS}: teacher forward not timed", file=sys.stderr)
+    teacher = ResNet().to(memory_format=channels_last).eval()
+    images = torch.randn(BATCH, 3, 32, 32).to(memory_format=channels_last)
+    forwards = {"eager_channels_last": teacher, "compile": torch.compile(teacher)}
+    for variant, forward in forwards.items():
+      forward(images)  # compiles
+      ms = _alternated_ms({variant: lambda forward=forward: forward(images)}, repeats)[variant]
+      rates[f"{variant}_teacher_forward_ms"] = round(ms, 2)
   rates["torch"] = torch.__version__
   return rates
 

@@ -4,8 +4,8 @@ Distils the same student from the same trained teacher three ways and prints,
 per way, the student's time per epoch, the time to build its teacher-logit
 cache, the cache's size and the student's accuracy; the last line is JSON.
 
-    .venv/bin/python bench/offline_modes.py --teacher=/tmp/runs/cifar-3ep/teacher \
-        --data_dir=/tmp/cifar10 --epochs=2 --out=/tmp/runs/offline-modes
+    .venv/bin/python bench/offline_modes.py --teacher=runs/cifar-3ep/teacher \
+        --data_dir=$HOME/data/cifar10 --epochs=2 --out=/tmp/runs/offline-modes
 
 --teacher is a finished kd_jax teacher stage folder (e.g. from
 `launch.py --config=configs/cifar.py`). Every cache is built afresh: caches

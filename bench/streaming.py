@@ -9,8 +9,8 @@ core, two batches in flight to the devices), prints:
   in-memory step  ms per train step fed from device memory (--in_memory_too)
 and, last, one JSON object with the numbers.
 
-    .venv/bin/python bench/streaming.py --dir=/tmp/cifar10 --in_memory_too
-    .venv/bin/python bench/streaming.py --dir=/tmp/cifar10-224 --image_size=224 \
+    .venv/bin/python bench/streaming.py --dir=$HOME/data/cifar10 --in_memory_too
+    .venv/bin/python bench/streaming.py --dir=$HOME/data/cifar10-224 --image_size=224 \
         --augment=resized_crop_flip --model=resnet18 --teacher= --batch=32 --steps=8
 """
 

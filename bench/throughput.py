@@ -1,6 +1,6 @@
 """Training-step throughput of kd_jax, to set beside the PyTorch peer's.
 
-Times the three steps of the peer (shared/peers/torch_guide_ref.py) at batch
+Times the three steps of the peer (bench/torch_peer.py) at batch
 128 on 32x32x3 inputs, fp32, built from kd_jax's own pieces so that the figures
 are those of what users run:
 

@@ -3,7 +3,7 @@
 ImageNet-sized inputs from the CIFAR-10 tree: the decode and augmentation
 costs of 224 x 224 JPEGs, without ImageNet.
 
-    .venv/bin/python bench/upscale_tree.py /tmp/cifar10 /tmp/cifar10-224 --size=224 --per_class=500
+    .venv/bin/python bench/upscale_tree.py ~/data/cifar10 ~/data/cifar10-224 --size=224 --per_class=500
 """
 
 import argparse

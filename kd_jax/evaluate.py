@@ -1,12 +1,14 @@
-"""Accuracy, and what a model costs to run: size, FLOPs, latency, throughput."""
+"""Accuracy, and what a model costs to run: size, MACs and FLOPs, latency, throughput."""
 
+import math
 import time
 from typing import Callable
 
 import jax
 import numpy as np
+from jax.extend import core as jax_core
 
-from kd_jax import parallel
+from kd_jax import native, parallel
 from kd_jax.data import augment as augment_lib
 from kd_jax.network import Network, Variables
 
@@ -78,6 +80,73 @@ def _median_seconds(fn: Callable, repeats: int) -> float:
   return float(np.median(times))
 
 
+def _conv_macs(eqn: jax_core.JaxprEqn) -> int:
+  # Each output element sums a kernel window over the input channels of its group,
+  # padding included, as published tables count.
+  rhs_shape = eqn.invars[1].aval.shape
+  out_features = rhs_shape[eqn.params["dimension_numbers"].rhs_spec[0]]
+  return math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs_shape) // out_features
+
+
+def _dot_macs(eqn: jax_core.JaxprEqn) -> int:
+  (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+  lhs_shape = eqn.invars[0].aval.shape
+  return math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs_shape[d] for d in lhs_contracting)
+
+
+def _subjaxprs(eqn: jax_core.JaxprEqn) -> list[jax_core.Jaxpr]:
+  found = []
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if isinstance(item, jax_core.ClosedJaxpr):
+        found.append(item.jaxpr)
+      elif isinstance(item, jax_core.Jaxpr):
+        found.append(item)
+  return found
+
+
+def count_macs(jaxpr: jax_core.Jaxpr) -> int:
+  """Multiply-accumulates of the convolutions and matrix products in `jaxpr`, as papers count.
+
+  A choice made by platform (`jax.lax.platform_dependent`) counts its default branch,
+  XLA's own operation, which is the layer as written; another conditional its costliest
+  branch; a scan its body `length` times.
+  """
+  total = 0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      total += _conv_macs(eqn)
+    elif name == "dot_general":
+      total += _dot_macs(eqn)
+    elif name == "cond" and None in eqn.params.get("branches_platforms", ()):
+      default = eqn.params["branches"][eqn.params["branches_platforms"].index(None)]
+      total += count_macs(default.jaxpr)
+    elif name == "cond":
+      total += max(count_macs(branch.jaxpr) for branch in eqn.params["branches"])
+    else:
+      repeats = eqn.params["length"] if name == "scan" else 1
+      total += repeats * sum(count_macs(sub) for sub in _subjaxprs(eqn))
+  return total
+
+
+def forward_costs(forward: Callable, variables: Variables, images: jax.Array) -> dict:
+  """What `forward(variables, images)` computes per image: "macs" and "flops".
+
+  "macs": `count_macs`. "flops": XLA's cost analysis of the compiled forward (two per
+  multiply-add, plus the elementwise work). Both are counted on the forward traced with
+  XLA's operations only (`native.portable()`): the cost analysis cannot see inside
+  kd_jax's native convolutions.
+  """
+  with native.portable():
+    # A fresh function, so that jit cannot reuse a trace made with the native calls.
+    traced = jax.jit(lambda variables, images: forward(variables, images)).trace(
+        variables, images
+    )
+  flops = traced.lower().compile().cost_analysis()["flops"]
+  return {"macs": count_macs(traced.jaxpr.jaxpr) // len(images), "flops": flops / len(images)}
+
+
 def measure_efficiency(
     forward: Callable,
     variables: Variables,
@@ -89,9 +158,8 @@ def measure_efficiency(
 ) -> dict:
   """Size and speed of a model for inference, on one device.
 
-  Returns "params", "param_bytes", "flops" (forward FLOPs per image, from
-  XLA's cost analysis of the compiled batch-1 forward), "latency_ms" (batch 1)
-  and "throughput" (images/s at `batch_size`).
+  Returns "params", "param_bytes", "macs" and "flops" per image (`forward_costs`),
+  "latency_ms" (batch 1) and "throughput" (images/s at `batch_size`).
   """
   variables = parallel.local_replica(variables)
   device = jax.tree.leaves(variables)[0].devices().pop()
@@ -99,12 +167,12 @@ def measure_efficiency(
   jitted = jax.jit(forward)
   one = jax.device_put(np.zeros((1, *image_shape), np.uint8), device)
   many = jax.device_put(np.zeros((batch_size, *image_shape), np.uint8), device)
-  # The ahead-of-time executable serves the timing too: calling `jitted` would compile again.
+  # Timed as compiled ahead of time: calling `jitted` at batch 1 would compile again.
   single = jitted.lower(variables, one).compile()
   return {
       "params": int(sum(p.size for p in params)),
       "param_bytes": int(sum(p.size * p.dtype.itemsize for p in params)),
-      "flops": float(single.cost_analysis()["flops"]),
+      **forward_costs(forward, variables, one),
       "latency_ms": 1e3 * _median_seconds(lambda: single(variables, one), latency_repeats),
       "throughput": batch_size
       / _median_seconds(lambda: jitted(variables, many), throughput_repeats),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from kd_jax import pipeline
+from kd_jax import native, pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,6 +25,14 @@ SMALL_OVERRIDES = {
     "checkpoint.every_steps": 5,
     "export.enabled": False,
 }
+
+# Tests of kd_jax's native oneDNN convolution; without the built library (no C++ compiler)
+# kd_jax runs on XLA's convolutions and these are skipped, saying why.
+requires_native = pytest.mark.skipif(
+    not native.onednn_conv_available(),
+    reason="kd_jax's native library is not built (needs a C++ compiler; `make` builds it): "
+    "CPU convolutions stay XLA's",
+)
 
 
 def small_config(**overrides):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import normal, random_cotangent, values_and_grads
+from conftest import normal, random_cotangent, requires_native, values_and_grads
 from kd_jax import native, ops
 
 _TOL = dict(rtol=1e-5, atol=1e-5)
@@ -84,6 +84,7 @@ def test_conv3x3_column_pairs_matches_lax_conv(shape):
   _assert_matches_lax_at_stride_1(ops.conv3x3_column_pairs, shape)
 
 
+@requires_native
 @pytest.mark.parametrize("stride", [1, 2])
 # (B, H, W, C, kernel input channels, D), odd and even sizes: an RGB stem, a wider layer,
 # a depthwise layer and one of two groups.
@@ -91,7 +92,6 @@ def test_conv3x3_column_pairs_matches_lax_conv(shape):
     "shape", [(2, 7, 8, 3, 3, 16), (1, 6, 5, 20, 20, 24), (2, 7, 6, 6, 1, 6), (1, 5, 6, 8, 4, 12)]
 )
 def test_conv3x3_onednn_matches_lax_conv(shape, stride):
-  assert native.onednn_conv_available(), "build it first: python -m kd_jax.native.build"
   batch, height, width, cin, kernel_cin, cout = shape
   x = normal((batch, height, width, cin))
   kernel = normal((3, 3, kernel_cin, cout), seed=1)
@@ -100,6 +100,7 @@ def test_conv3x3_onednn_matches_lax_conv(shape, stride):
   )
 
 
+@requires_native
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("relu, with_residual", [(True, True), (True, False), (False, True)])
 def test_conv3x3_bias_onednn_matches_lax(stride, relu, with_residual):
@@ -127,6 +128,7 @@ def test_conv3x3_bias_onednn_matches_lax(stride, relu, with_residual):
   )
 
 
+@requires_native
 def test_native_calls_stay_out_of_portable_tracing():
   fn = lambda x, kernel: ops.conv3x3_onednn(x, kernel, 1)
   x, kernel = jnp.zeros((1, 4, 4, 2)), jnp.zeros((3, 3, 2, 3))

@@ -15,7 +15,7 @@ from conftest import ROOT, small_config
 from kd_jax import pipeline
 from kd_jax.errors import UserInputError
 
-MODEL_KEYS = {"top1", "top5", "params", "param_bytes", "flops", "latency_ms", "throughput"}
+MODEL_KEYS = {"top1", "top5", "params", "param_bytes", "macs", "flops", "latency_ms", "throughput"}
 COMPARISON_KEYS = {
     "size_reduction",
     "speedup_latency",

@@ -1,0 +1,51 @@
+"""Tests for kd_jax.evaluate's cost figures: MACs against hand counts, FLOPs beside them."""
+
+import jax
+import numpy as np
+
+from kd_jax import evaluate, network
+
+
+def _conv(out_size, cin, cout, kernel=3, groups=1):
+  """MACs of a convolution with a square output of `out_size`, as published tables count."""
+  return out_size * out_size * cout * kernel * kernel * cin // groups
+
+
+# resnet20 on 32x32 RGB images, 10 classes: stem, three stages of three blocks (two 3x3
+# convolutions each; the first of stages 2 and 3 strided, with a 1x1 projection), linear.
+RESNET20_MACS = (
+    _conv(32, 3, 16)
+    + 6 * _conv(32, 16, 16)
+    + _conv(16, 16, 32) + _conv(16, 16, 32, kernel=1) + 5 * _conv(16, 32, 32)
+    + _conv(8, 32, 64) + _conv(8, 32, 64, kernel=1) + 5 * _conv(8, 64, 64)
+    + 64 * 10
+)
+# dsconv_student on 32x32 RGB images, 10 classes: three depthwise 3x3 + pointwise blocks,
+# the first strided, then linear.
+STUDENT_MACS = (
+    _conv(16, 3, 3, groups=3) + _conv(16, 3, 64, kernel=1)
+    + _conv(16, 64, 64, groups=64) + _conv(16, 64, 128, kernel=1)
+    + _conv(16, 128, 128, groups=128) + _conv(16, 128, 256, kernel=1)
+    + 256 * 10
+)
+
+
+def _forward(model_name):
+  net, variables = network.create_network(model_name, num_classes=10, in_channels=3, seed=0)
+  return lambda variables, images: net.apply(variables, images, train=False)[0], variables
+
+
+def test_resnet20_macs_match_the_hand_count():
+  assert round(RESNET20_MACS / 1e6, 1) == 40.8  # as the published tables give it
+  forward, variables = _forward("resnet20")
+  jaxpr = jax.make_jaxpr(forward)(variables, np.zeros((2, 32, 32, 3), np.float32)).jaxpr
+  assert evaluate.count_macs(jaxpr) == 2 * RESNET20_MACS
+
+
+def test_student_costs_per_image_count_every_layer():
+  forward, variables = _forward("dsconv_student")
+  costs = evaluate.forward_costs(forward, variables, np.zeros((1, 32, 32, 3), np.float32))
+  assert costs["macs"] == STUDENT_MACS
+  # XLA counts a multiply and an add per MAC (none for padding), plus the batch norms and
+  # ReLUs: every layer is in it, none hidden in a native call.
+  assert 1.5 * STUDENT_MACS <= costs["flops"] <= 3 * STUDENT_MACS
