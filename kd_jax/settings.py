@@ -28,13 +28,16 @@ def _is_number(value) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_whole(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _number(allowed: str = "", accepts: Callable[[float], bool] = lambda v: True) -> Rule:
   return (lambda v: _is_number(v) and accepts(v)), f"a number {allowed}".strip()
 
 
 def _whole(allowed: str = "", accepts: Callable[[int], bool] = lambda v: True) -> Rule:
-  is_whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-  return (lambda v: is_whole(v) and accepts(v)), f"a whole number {allowed}".strip()
+  return (lambda v: _is_whole(v) and accepts(v)), f"a whole number {allowed}".strip()
 
 
 def _one_of(choices) -> Rule:
@@ -50,7 +53,7 @@ _NON_NEGATIVE = _number(">= 0", lambda v: v >= 0)
 _FRACTION = _number("in [0, 1]", lambda v: 0 <= v <= 1)
 _EPOCH_LIST = (
     lambda v: isinstance(v, (tuple, list))
-    and all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v)
+    and all(_is_whole(e) and e >= 1 for e in v)
     and list(v) == sorted(set(v)),
     "a rising list of whole epochs >= 1, e.g. (150, 180, 210)",
 )
@@ -202,9 +205,7 @@ def _check_data(data_config) -> None:
     raise UserInputError(f"data.source={data_config.source!r} needs data.{needed}")
   in_memory = data_config.in_memory.lower()
   if data_config.source == "digits" and in_memory == "false":
-    raise UserInputError(
-        "data.source='digits' cannot be streamed: use data.in_memory=true or auto"
-    )
+    raise UserInputError("data.source='digits' cannot be streamed: use data.in_memory=true or auto")
   if data_config.eval_crop < 1 and (in_memory == "true" or data_config.source == "digits"):
     raise UserInputError(
         f"data.eval_crop={data_config.eval_crop} below 1 works only for streamed data: "

@@ -7,7 +7,7 @@ from kd_jax import evaluate, report
 
 
 def _naive_topk_accuracy(logits_NxC, labels_N, k):
-  """A label is in the top k when fewer than k classes outrank it (a tie goes to the lower index)."""
+  """The top-k hit rate by counting: fewer than k classes outrank the label (ties: lower index)."""
   hits = 0
   for logits_C, label in zip(logits_NxC.tolist(), labels_N.tolist()):
     above = sum(

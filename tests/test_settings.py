@@ -83,7 +83,11 @@ BAD_VALUES = {
     "eval.batch_size": [0, 6, "256"],
     "eval.latency_repeats": [0, 2.5],
     "eval.throughput_repeats": [0, -10],
-    **{f"{stage}.{key}": values for stage in ("teacher", "student") for key, values in _STAGE.items()},
+    **{
+        f"{stage}.{key}": values
+        for stage in ("teacher", "student")
+        for key, values in _STAGE.items()
+    },
     **{
         f"{stage}.optimizer.{key}": values
         for stage in ("teacher", "student")
