@@ -319,15 +319,18 @@ def create_model(
   """
   if name not in _MODELS:
     raise UserInputError(f'unknown model {name!r}; known models: {", ".join(model_names())}')
-  kwargs = {}
-  if name in _SCALABLE:
-    kwargs["width_multiplier"] = width_multiplier
-  elif width_multiplier != 1.0:
+  check_width_multiplier(name, width_multiplier)
+  kwargs = {"width_multiplier": width_multiplier} if name in _SCALABLE else {}
+  return _MODELS[name](num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
+
+
+def check_width_multiplier(name: str, width_multiplier: float) -> None:
+  """Rejects a width_multiplier other than 1 for a model with fixed widths."""
+  if name not in _SCALABLE and width_multiplier != 1.0:
     raise UserInputError(
         f"model {name!r} has fixed widths; width_multiplier="
         f'{width_multiplier} applies only to: {", ".join(sorted(_SCALABLE))}'
     )
-  return _MODELS[name](num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -5,6 +5,8 @@ import optax
 from kd_jax import schedules
 from kd_jax.errors import UserInputError
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
 
 def make_optimizer(
     optimizer_config, steps_per_epoch: int, epochs: int, batch_size: int
@@ -31,7 +33,7 @@ def make_optimizer(
       )
     optimizer = optax.chain(optax.add_decayed_weights(decay), update) if decay else update
   else:
-    raise UserInputError(f"unknown optimizer.name {name!r}; use 'adam', 'adamw' or 'sgd'")
+    raise UserInputError(f"unknown optimizer.name {name!r}; use one of {', '.join(OPTIMIZERS)}")
   if optimizer_config.grad_clip_norm > 0:
     optimizer = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), optimizer)
   return optimizer

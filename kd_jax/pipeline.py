@@ -18,12 +18,11 @@ from kd_jax import (
     data,
     evaluate,
     export,
-    methods,
-    models,
     parallel,
     plots,
     predict,
     report,
+    settings,
     streaming,
     teacher_cache,
     train,
@@ -32,58 +31,6 @@ from kd_jax.errors import UserInputError
 from kd_jax.network import Network, Variables, create_network, resolve_compute_dtype
 
 CONFIG_FILE = "config.json"
-
-
-def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
-  """Rejects settings that would only fail later, after data loading."""
-  methods.check(config.distill)
-  resolve_compute_dtype(config.compute_dtype)
-  if config.distill.mode not in ("online", "offline"):
-    raise UserInputError(f"unknown distill.mode {config.distill.mode!r}; use 'online' or 'offline'")
-  teacher_cache.check_settings(config.distill.cache_dtype, config.distill.cache_top_k)
-  if config.data.teacher_logits_dir:
-    if config.data.source != "folder":
-      raise UserInputError(
-          "data.teacher_logits_dir pairs logit files with image files: it needs "
-          f"data.source=folder, not {config.data.source!r}"
-      )
-    conflicts = [
-        f"{key}={value!r}"
-        for key, value, wanted in (
-            ("distill.mode", config.distill.mode, "offline"),
-            ("distill.cache", config.distill.cache, "plain"),
-        )
-        if value != wanted
-    ]
-    if config.teacher.checkpoint:
-      conflicts.append(f"teacher.checkpoint={config.teacher.checkpoint!r}")
-    if conflicts:
-      raise UserInputError(
-          "data.teacher_logits_dir gives the teacher's logits, so kd_jax runs no teacher: "
-          f"set distill.mode=offline and distill.cache=plain and no teacher.checkpoint "
-          f"(now {', '.join(conflicts)})"
-      )
-  if config.seeds < 1:
-    raise UserInputError(f"seeds={config.seeds} must be at least 1")
-  for stage in ("teacher", "student"):
-    if config[stage].model not in models.model_names():
-      raise UserInputError(
-          f"unknown {stage}.model {config[stage].model!r}; known models: "
-          f"{', '.join(models.model_names())}"
-      )
-    parallel.check_batch_size(config[stage].batch_size, f"{stage}.batch_size", mesh)
-  parallel.check_batch_size(config.eval.batch_size, "eval.batch_size", mesh)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """{"a": {"b": 1}} -> {"a.b": 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = value
-  return flat
 
 
 def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -98,8 +45,8 @@ def _check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> No
   current = json.loads(config.to_json())
   if os.path.exists(path) and not config.checkpoint.allow_config_change:
     with open(path) as f:
-      before = _flatten(json.load(f))
-    now = _flatten(current)
+      before = settings.flatten(json.load(f))
+    now = settings.flatten(current)
     differing = sorted(
         key
         for key in set(before) | set(now)
@@ -196,8 +143,6 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, m
         **storage,
     )
     return {"teacher_logits": stored}, folder
-  if distill.cache != "consistent":
-    raise UserInputError(f"unknown distill.cache {distill.cache!r}; use 'plain' or 'consistent'")
 
   # Each student step's view is a pure function of (seed, step): make them all
   # now, exactly as train_stage will, and keep the teacher's logits for them.
@@ -291,14 +236,14 @@ def train_and_evaluate(
   <workdir>/report.json and report.md).
   """
   mesh = parallel.make_mesh()
-  _check_config(config, mesh)
+  settings.check(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   _check_workdir_config(config, workdir)
   streamed = data.streams(config.data, jax.process_count())
-  if not 0 < config.data.eval_crop <= 1 or (config.data.eval_crop < 1 and not streamed):
+  if config.data.eval_crop < 1 and not streamed:
     raise UserInputError(
-        f"data.eval_crop={config.data.eval_crop} must be in (0, 1], and below 1 only for "
-        "streamed data (data.in_memory=false)"
+        f"data.eval_crop={config.data.eval_crop} below 1 works only for streamed data, and "
+        "data.in_memory=auto holds this dataset in memory; set data.in_memory=false"
     )
   if streamed:
     dataset = data.open_dataset(config.data, jax.process_index(), jax.process_count())
@@ -329,6 +274,7 @@ def train_and_evaluate(
     device_data = streaming.StreamedData(dataset, mesh, config.data)
   else:
     device_data = train.put_on_device(dataset, mesh)
+  settings.check_against_data(config, device_data.num_train)
   network_kwargs = dict(
       num_classes=dataset.num_classes,
       in_channels=dataset.image_shape[-1],

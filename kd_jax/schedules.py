@@ -13,6 +13,9 @@ from kd_jax.errors import UserInputError
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
+LEARNING_RATE_SCHEDULES = ("cosine", "step", "constant")
+TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
+
 
 def peak_learning_rate(optimizer_config, batch_size: int) -> float:
   """`learning_rate`, scaled linearly to the global batch if `reference_batch_size` is set.
@@ -56,7 +59,9 @@ def learning_rate_schedule(
     return optax.piecewise_constant_schedule(lr, boundaries)
   if kind == "constant":
     return optax.constant_schedule(lr)
-  raise UserInputError(f"unknown optimizer.schedule {kind!r}; use 'cosine', 'step' or 'constant'")
+  raise UserInputError(
+      f"unknown optimizer.schedule {kind!r}; use one of {', '.join(LEARNING_RATE_SCHEDULES)}"
+  )
 
 
 def temperature_schedule(distill_config, steps_per_epoch: int, epochs: int) -> Schedule:
@@ -76,6 +81,7 @@ def temperature_schedule(distill_config, steps_per_epoch: int, epochs: int) -> S
     by_epoch = optax.cosine_decay_schedule(start, decay_steps=epochs, alpha=end / start)
   else:
     raise UserInputError(
-        f"unknown distill.temperature_schedule {kind!r}; use 'constant', 'linear' or 'cosine'"
+        f"unknown distill.temperature_schedule {kind!r}; "
+        f"use one of {', '.join(TEMPERATURE_SCHEDULES)}"
     )
   return lambda step: by_epoch(step // steps_per_epoch)

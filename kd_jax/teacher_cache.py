@@ -29,6 +29,7 @@ from kd_jax.errors import UserInputError
 
 CACHE_DIR = "teacher_logits"
 DTYPES = ("float16", "float32")
+KINDS = ("plain", "consistent")  # distill.cache
 
 
 def fingerprint(teacher_variables, data_digest: bytes, dtype: str, *settings) -> str:

@@ -29,6 +29,7 @@ from kd_jax.data import Dataset
 from kd_jax.data import augment as augment_lib
 from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
 from kd_jax.network import Network, Variables
+from kd_jax.settings import check_batch_fits
 
 
 @flax.struct.dataclass
@@ -379,11 +380,7 @@ def train_stage(
   """
   batch_size, epochs = stage_config.batch_size, stage_config.epochs
   parallel.check_batch_size(batch_size, f"{name}.batch_size", mesh)
-  if batch_size > data.num_train:
-    raise UserInputError(
-        f"{name}.batch_size={batch_size} is larger than the "
-        f"{data.num_train} training examples; lower it"
-    )
+  check_batch_fits(f"{name}.batch_size", batch_size, data.num_train)
   steps = data.steps_per_epoch(batch_size)
   optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs, batch_size)
   objective = methods.cross_entropy_objective

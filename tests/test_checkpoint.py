@@ -18,6 +18,8 @@ from kd_jax import checkpoint, pipeline, train
 from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
 from kd_jax.network import create_network
 
+pytestmark = pytest.mark.slow  # full pipeline runs, killed and resumed launch.py processes
+
 STAGES = ("teacher", "student", "baseline")
 
 

@@ -110,6 +110,7 @@ def test_reexport_replaces_the_folder_and_a_failed_one_leaves_it(exported):
   assert os.listdir(parent) == ["export"]
 
 
+@pytest.mark.slow
 def test_a_trained_students_export_on_real_digits(quickstart_run):
   """The pipeline's export of its trained student, on a real batch of digits."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top

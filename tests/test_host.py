@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow  # two Python processes
 
 # A 32 MiB elementwise op: glibc's default mmaps and unmaps its output each
 # time, so each call page-faults all 8,192 of its pages in again; with freed

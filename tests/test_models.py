@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.extend.core import jaxprs_in_params
 
 from kd_jax import models, network
 from kd_jax.errors import UserInputError
@@ -117,23 +118,28 @@ def test_unknown_model_lists_known_names():
   assert "\n" not in message
 
 
-def test_model_names_sorted_and_complete():
-  names = models.model_names()
-  assert names == sorted(names)
-  assert {
+def test_model_names_are_the_documented_models_in_alphabetical_order():
+  # The models README.md lists, as error messages and --help show them.
+  assert models.model_names() == [
       "dsconv_student",
-      "resnet8",
+      "mobilenet_v2",
+      "resnet110",
       "resnet14",
+      "resnet18",
       "resnet20",
       "resnet32",
-      "resnet44",
-      "resnet56",
-      "resnet110",
-      "resnet8x4",
       "resnet32x4",
+      "resnet34",
+      "resnet44",
+      "resnet50",
+      "resnet56",
+      "resnet8",
+      "resnet8x4",
+      "wrn_16_1",
       "wrn_16_2",
+      "wrn_40_1",
       "wrn_40_2",
-  } <= set(names)
+  ]
 
 
 def _batch_stats(model):
@@ -164,6 +170,17 @@ def test_train_mode_updates_batch_stats_and_eval_mode_does_not():
   assert all(not np.allclose(a, b) for a, b in zip(trained, _batch_stats(model)))
 
 
+PRODUCTS = ("conv_general_dilated", "dot_general", "ffi_call")  # ffi_call: oneDNN's
+
+
+def _equations(jaxpr):
+  """The equations of `jaxpr` and, recursively, of every program inside it."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for inner in jaxprs_in_params(eqn.params):
+      yield from _equations(inner)
+
+
 @pytest.mark.parametrize("name", ["dsconv_student", "resnet8"])
 def test_bfloat16_compute_keeps_float32_weights_and_logits(name):
   shapes = dict(num_classes=10, in_channels=3, seed=0)
@@ -177,27 +194,30 @@ def test_bfloat16_compute_keeps_float32_weights_and_logits(name):
   reference = jax.jit(lambda v: full.apply(v, images, train=False)[0])(variables)
   assert logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, reference, rtol=0.05, atol=0.05)
-  # Every convolution and matrix product, the custom CPU paths included, runs
-  # on bfloat16 operands.
-  program = jax.make_jaxpr(lambda v: mixed.apply(v, images, train=True))(variables).jaxpr
-  products = [
-      e for e in program.eqns if e.primitive.name in ("conv_general_dilated", "dot_general")
-  ]
-  products += [
-      inner
-      for e in program.eqns
-      if "jaxpr" in e.params
-      for inner in e.params["jaxpr"].jaxpr.eqns
-      if inner.primitive.name in ("conv_general_dilated", "dot_general")
-  ]
-  assert products and all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars)
 
-  # Gradients reach the float32 master weights as float32.
   def loss(params):
     return mixed.apply(network.Variables(params, variables.batch_stats), images, train=True)[
         0
     ].sum()
 
+  # Every convolution and matrix product runs on bfloat16 operands, forward and
+  # backward, in every branch of every platform choice: XLA's own and the CPU paths.
+  forward = jax.make_jaxpr(lambda v: mixed.apply(v, images, train=True))(variables)
+  backward = jax.make_jaxpr(jax.grad(loss))(variables.params)
+  for program in (forward.jaxpr, backward.jaxpr):
+    products = [e for e in _equations(program) if e.primitive.name in PRODUCTS]
+    in_branches = [
+        e
+        for choice in _equations(program)
+        if choice.primitive.name == "cond"
+        for branch in choice.params["branches"]
+        for e in _equations(branch.jaxpr)
+        if e.primitive.name in PRODUCTS
+    ]
+    assert in_branches  # the walk reached inside the platform choices
+    assert all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars)
+
+  # Gradients reach the float32 master weights as float32.
   grads = jax.jit(jax.grad(loss))(variables.params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
 

@@ -16,6 +16,8 @@ from conftest import ROOT, small_config
 from kd_jax import pipeline, predict
 from kd_jax.errors import UserInputError
 
+pytestmark = pytest.mark.slow  # the trained quickstart run and launch.py processes
+
 
 def test_evaluate_rewrites_the_report_without_training(quickstart_run, tmp_path):
   reference, reference_report = quickstart_run

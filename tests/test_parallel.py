@@ -15,6 +15,8 @@ import pytest
 from conftest import ROOT, small_config, small_config_flags
 from kd_jax import data, parallel, pipeline, streaming
 
+pytestmark = pytest.mark.slow  # multi-device and multi-process runs
+
 FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
 ONE_EPOCH = {"teacher.epochs": 1, "student.epochs": 1, "baseline.enabled": False}
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,8 @@ from configs import imagenet_r34_r18
 from conftest import ROOT, small_config
 from kd_jax import pipeline
 from kd_jax.errors import UserInputError
+
+pytestmark = pytest.mark.slow  # full pipeline runs and launch.py processes
 
 MODEL_KEYS = {"top1", "top5", "params", "param_bytes", "macs", "flops", "latency_ms", "throughput"}
 COMPARISON_KEYS = {
@@ -109,11 +112,30 @@ def test_cifar_config_runs_on_tfds(tmp_path):
   assert report["student"]["flops"] > 0
 
 
-def test_rerun_restores_finished_stages(quickstart_run):
-  workdir, report = quickstart_run
+def _trained_files(workdir: str) -> dict[str, tuple[int, int]]:
+  """(size, modification time) of each checkpoint and metrics file the stages wrote."""
+  found = {}
+  for stage in ("teacher", "student", "baseline"):
+    paths = [os.path.join(workdir, stage, "metrics.jsonl")]
+    for folder, _, names in os.walk(os.path.join(workdir, stage, "checkpoints")):
+      paths += [os.path.join(folder, name) for name in names]
+    for path in paths:
+      status = os.stat(path)
+      found[os.path.relpath(path, workdir)] = (status.st_size, status.st_mtime_ns)
+  return found
+
+
+def test_rerun_restores_finished_stages_without_a_step(quickstart_run, tmp_path):
+  reference, report = quickstart_run
+  workdir = str(tmp_path / "work")
+  shutil.copytree(reference, workdir)  # keeps the modification times
+  before = _trained_files(workdir)
   again = pipeline.train_and_evaluate(small_config(), workdir)
+  # A step, an evaluation or a save would have written a checkpoint or a metrics line.
+  assert _trained_files(workdir) == before
   for name in ("teacher", "student", "baseline"):
-    assert again[name]["top1"] == report[name]["top1"]
+    for key in ("top1", "top5", "best_top1", "best_epoch", "epochs"):
+      assert again[name][key] == report[name][key], (name, key)
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,7 @@ def _history(workdir, stage):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(smooth_tree, tmp_path):
   held = pipeline.train_and_evaluate(_run_config(smooth_tree, "true"), str(tmp_path / "m"))
   # The streamed run distils the same teacher (restored, to save its training).

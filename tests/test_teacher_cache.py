@@ -27,6 +27,7 @@ def _metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_offline_matches_online_and_reuses_its_cache(quickstart_run, tmp_path):
   teacher_run = tmp_path / "teacher_run"
   shutil.copytree(os.path.join(quickstart_run[0], "teacher"), teacher_run / "teacher")
@@ -140,6 +141,7 @@ def test_top_k_keeps_the_largest_logits_and_the_mean_of_the_rest():
     )
 
 
+@pytest.mark.slow
 def test_offline_top_k_cache_trains_the_student(quickstart_run, tmp_path):
   teacher_run = tmp_path / "teacher_run"
   shutil.copytree(os.path.join(quickstart_run[0], "teacher"), teacher_run / "teacher")
@@ -159,6 +161,7 @@ def test_offline_top_k_cache_trains_the_student(quickstart_run, tmp_path):
   assert report["student"]["top1"] > 0.3
 
 
+@pytest.mark.slow
 def test_consistent_views_match_online_distillation_with_augmentation(quickstart_run, tmp_path):
   teacher_run = tmp_path / "teacher_run"
   shutil.copytree(os.path.join(quickstart_run[0], "teacher"), teacher_run / "teacher")
@@ -248,6 +251,7 @@ def _foreign_config(data_dir, logits_dir, **overrides):
   return config
 
 
+@pytest.mark.slow
 def test_a_teacher_from_another_framework_is_distilled(folder_with_logits, tmp_path):
   data_dir, logits_dir = folder_with_logits
   report = pipeline.train_and_evaluate(_foreign_config(data_dir, logits_dir), str(tmp_path / "run"))

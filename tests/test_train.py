@@ -85,3 +85,35 @@ def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
   assert len(np.unique(first)) == 96  # no example twice in an epoch
   assert not np.array_equal(first, train.epoch_indices(3, 6, 100, 32))
   assert not np.array_equal(first, train.epoch_indices(4, 5, 100, 32))
+
+
+def _metrics(loss, accuracy):
+  return {"loss": jax.numpy.float32(loss), "accuracy": jax.numpy.float32(accuracy)}
+
+
+def test_running_metrics_sum_what_was_flushed_and_keep_the_newest_queued():
+  running = train.RunningMetrics({"loss": 10.0, "accuracy": 1.0}, count=4)  # resumed mid-epoch
+  for step, (loss, accuracy) in enumerate([(1.0, 0.5), (2.0, 0.25), (4.0, 1.0)], start=5):
+    running.add(step, _metrics(loss, accuracy))
+  running.flush(keep=1)
+  assert running.count == 6 and running.sums == {"loss": 13.0, "accuracy": 1.75}
+  assert running.last == {"loss": 2.0, "accuracy": 0.25}
+  running.flush()
+  assert running.count == 7 and running.sums == {"loss": 17.0, "accuracy": 2.75}
+  assert running.means() == {"loss": 17.0 / 7, "accuracy": 2.75 / 7}
+  running.flush()  # nothing queued: nothing changes
+  assert running.count == 7
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_running_metrics_stop_at_the_first_non_finite_step(bad):
+  running = train.RunningMetrics()
+  running.add(1, _metrics(1.0, 0.5))
+  running.add(2, _metrics(2.0, bad))
+  running.add(3, _metrics(bad, 0.5))
+  with pytest.raises(train.NonFiniteMetric) as stopped:
+    running.flush()
+  assert (stopped.value.step, stopped.value.name) == (2, "accuracy")
+  assert stopped.value.value == bad or np.isnan(stopped.value.value) and np.isnan(bad)
+  # The bad step was not added to the epoch's sums.
+  assert running.count == 1 and running.sums == {"loss": 1.0, "accuracy": 0.5}

@@ -31,6 +31,7 @@ import numpy as np
 from kd_jax.errors import UserInputError
 
 SOURCES = ("digits", "folder", "tfds")
+IN_MEMORY = ("true", "false", "auto")  # data.in_memory, in any case
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -245,7 +246,7 @@ def streams(data_config, process_count: int = 1) -> bool:
   TFDS metadata, so nothing is decoded to decide.
   """
   choice = str(data_config.get("in_memory", "true")).lower()
-  if choice not in ("true", "false", "auto"):
+  if choice not in IN_MEMORY:
     raise UserInputError(f"data.in_memory={choice!r}: use true, false or auto")
   if choice != "auto" or data_config.get("source") == "digits":
     return choice == "false"
