@@ -33,7 +33,7 @@ SWEEP = {
         "student.optimizer.warmup_epochs": 1,
         "student.optimizer.grad_clip_norm": 1.0,
     },
-    "sgd lr 0.1": {"student.optimizer.learning_rate": 0.1},
+    "sgd lr 0.05": {"student.optimizer.learning_rate": 0.05},
     "T 2": {"distill.temperature": 2.0},
     "alpha 0.5": {"distill.alpha": 0.5},
 }
