@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # pylint: disable=wrong-import-position
 from kd_jax import methods, optim, parallel, train  # pylint: disable=wrong-import-position
-from kd_jax.data import Dataset  # pylint: disable=wrong-import-position
-from kd_jax.data.augment import get_augmentation  # pylint: disable=wrong-import-position
+from kd_jax.data import Dataset, in_memory, placement  # pylint: disable=wrong-import-position
 from kd_jax.network import create_network  # pylint: disable=wrong-import-position
+from kd_jax.teachers import OnlineTeacher  # pylint: disable=wrong-import-position
 
 NUM_IMAGES, BATCH, STEPS = 12_800, 128, 60
 
@@ -41,7 +41,7 @@ def main():
       tuple(map(str, range(10))),
   )
   mesh = parallel.make_mesh()
-  data = train.put_on_device(dataset, mesh)
+  data = in_memory.put_on_device(dataset, mesh, "none")
   student, _ = create_network("dsconv_student", num_classes=10, in_channels=3, seed=0)
   teacher, teacher_variables = create_network("resnet20", num_classes=10, in_channels=3, seed=0)
   teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
@@ -55,15 +55,14 @@ def main():
       student,
       optimizer,
       data,
-      augmentation=get_augmentation("none"),
       seed=0,
       mesh=mesh,
-      teacher=teacher,
+      teacher=OnlineTeacher(teacher, teacher_variables),
       objective=methods.make_objective(default.get_config().distill, STEPS, 1),
   )
-  gather = train.make_gather(mesh)
+  gather = placement.make_gather(mesh)
   arrays = {"image": data.train_images, "label": data.train_labels}
-  indices_SxB = train.epoch_indices(0, 0, NUM_IMAGES, BATCH)[:STEPS]
+  indices_SxB = placement.epoch_indices(0, 0, NUM_IMAGES, BATCH)[:STEPS]
 
   def fresh_state():
     _, variables = create_network("dsconv_student", num_classes=10, in_channels=3, seed=0)

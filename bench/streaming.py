@@ -3,7 +3,7 @@
 On an image-folder tree (the CIFAR-10 tree, or its 224 x 224 copy from
 bench/upscale_tree.py), with the config's defaults (one decoding thread per
 core, two batches in flight to the devices), prints:
-  pipeline        images/s of kd_jax.streaming alone: decode, augment on the
+  pipeline        images/s of kd_jax.data.streaming alone: decode, augment on the
                   host, send to the device; batches consumed, no training
   streamed step   ms per train step fed by the stream
   in-memory step  ms per train step fed from device memory (--in_memory_too)
@@ -28,8 +28,10 @@ import ml_collections
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import default  # pylint: disable=wrong-import-position
-from kd_jax import data, host, methods, optim, parallel, streaming, train  # pylint: disable=wrong-import-position
+from kd_jax import data, host, methods, optim, parallel, train  # pylint: disable=wrong-import-position
+from kd_jax.data import in_memory, streaming  # pylint: disable=wrong-import-position
 from kd_jax.network import create_network  # pylint: disable=wrong-import-position
+from kd_jax.teachers import OnlineTeacher  # pylint: disable=wrong-import-position
 
 
 def pipeline_rate(feed, batch: int, batches: int) -> float:
@@ -43,7 +45,7 @@ def pipeline_rate(feed, batch: int, batches: int) -> float:
   return batch * batches / (time.perf_counter() - start)
 
 
-def step_ms(feed, args, mesh, augment: str) -> tuple[float, float]:
+def step_ms(feed, args, mesh) -> tuple[float, float]:
   """(ms per train step over `args.steps` steps fed by `feed`, compile seconds)."""
   num_classes, channels = feed.num_classes, feed.image_shape[-1]
   student, variables = create_network(
@@ -52,10 +54,11 @@ def step_ms(feed, args, mesh, augment: str) -> tuple[float, float]:
   teacher = teacher_variables = None
   objective = methods.cross_entropy_objective
   if args.teacher:
-    teacher, teacher_variables = create_network(
+    network, teacher_variables = create_network(
         args.teacher, num_classes=num_classes, in_channels=channels, seed=0
     )
     teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
+    teacher = OnlineTeacher(network, teacher_variables)
     objective = methods.make_objective(default.get_config().distill, args.steps, 1)
   optimizer = optim.make_optimizer(
       default.optimizer_config(learning_rate=1e-3), args.steps + 1, 1, args.batch
@@ -64,7 +67,6 @@ def step_ms(feed, args, mesh, augment: str) -> tuple[float, float]:
       student,
       optimizer,
       feed,
-      augmentation=feed.step_augmentation(augment),
       seed=0,
       mesh=mesh,
       teacher=teacher,
@@ -115,13 +117,14 @@ def main():
       "pipeline_img_s": round(pipeline_rate(streamed, args.batch, args.batches), 1),
   }
   print(f"pipeline: {result['pipeline_img_s']} images/s", flush=True)
-  result["streamed_step_ms"], result["compile_s"] = step_ms(streamed, args, mesh, args.augment)
+  result["streamed_step_ms"], result["compile_s"] = step_ms(streamed, args, mesh)
   print(f"streamed step: {result['streamed_step_ms']:.1f} ms", flush=True)
   if args.in_memory_too:
     start = time.perf_counter()
-    held = train.put_on_device(data.load_dataset(ml_collections.ConfigDict(config)), mesh)
+    dataset = data.load_dataset(ml_collections.ConfigDict(config))
+    held = in_memory.put_on_device(dataset, mesh, args.augment)
     result["load_and_put_s"] = round(time.perf_counter() - start, 1)
-    result["in_memory_step_ms"], _ = step_ms(held, args, mesh, args.augment)
+    result["in_memory_step_ms"], _ = step_ms(held, args, mesh)
     print(f"in-memory step: {result['in_memory_step_ms']:.1f} ms", flush=True)
   result["step_img_s"] = round(args.batch / result["streamed_step_ms"] * 1e3, 1)
   print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}))

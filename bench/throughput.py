@@ -14,8 +14,9 @@ T = 2 and alpha = 0.5 (configs/default.py's distill section, the peer's too),
 no gradient clipping and a constant learning rate, as in the peer.
 
 The data are random uint8 images and labels made with numpy and put on the
-device once (kd_jax.train.put_on_device); each step's batch is gathered from
-them with kd_jax.train.make_gather and epoch_indices, as train_stage does, and
+device once (kd_jax.data.in_memory.put_on_device); each step's batch is gathered
+from them with kd_jax.data.placement's make_gather and epoch_indices, as
+train_stage does, and
 the gather is inside the timed region. The augmentation is 'none' by default,
 as the peer has none. Each timed step ends with block_until_ready on the new
 state; the figure is the median over --steps steps after --warmup steps.
@@ -57,10 +58,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from configs import default
 from kd_jax import host, methods, optim, parallel, train
-from kd_jax.data import Dataset, load_dataset
-from kd_jax.data import augment as augment_lib
+from kd_jax.data import Dataset, in_memory, load_dataset, placement
 from kd_jax.errors import UserInputError
 from kd_jax.network import Variables, create_network, resolve_compute_dtype
+from kd_jax.teachers import OnlineTeacher, StoredLogits
 
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -125,7 +126,7 @@ def batches(gather: Callable, arrays: dict, count: int, batch_size: int) -> Iter
   """Endless batches gathered on the device, in train_stage's shuffled epoch order."""
   epoch = 0
   while True:
-    for indices_B in train.epoch_indices(SEED, epoch, count, batch_size):
+    for indices_B in placement.epoch_indices(SEED, epoch, count, batch_size):
       yield gather(arrays, indices_B)
     epoch += 1
 
@@ -156,7 +157,9 @@ def median_step_seconds(step, state, extra_args, batch_iter, *, steps: int, warm
   return float(np.median(times)), state
 
 
-def random_device_data(batch_size: int, mesh) -> tuple[train.DeviceData, jax.Array]:
+def random_device_data(
+    batch_size: int, augment: str, mesh
+) -> tuple[in_memory.DeviceData, jax.Array]:
   """Random uint8 images and labels on the device, and random teacher logits."""
   rng = np.random.default_rng(SEED)
   count = RANDOM_BATCHES * batch_size
@@ -169,7 +172,7 @@ def random_device_data(batch_size: int, mesh) -> tuple[train.DeviceData, jax.Arr
   )
   teacher_logits_NxC = rng.standard_normal((count, NUM_CLASSES)).astype(np.float32)
   return (
-      train.put_on_device(dataset, mesh),
+      in_memory.put_on_device(dataset, mesh, augment),
       jax.device_put(teacher_logits_NxC, parallel.replicated(mesh)),
   )
 
@@ -185,10 +188,9 @@ def bench_steps(
     mesh,
 ):
   """Times the chosen step kinds; returns {kind: (compile_s, median_step_s)}."""
-  data, teacher_logits_NxC = random_device_data(batch_size, mesh)
-  gather = train.make_gather(mesh)
+  data, teacher_logits_NxC = random_device_data(batch_size, augment, mesh)
+  gather = placement.make_gather(mesh)
   arrays = {"image": data.train_images, "label": data.train_labels}
-  augmentation = augment_lib.get_augmentation(augment)
   distill = default.get_config().distill
   shape_kwargs = dict(
       num_classes=NUM_CLASSES,
@@ -198,14 +200,15 @@ def bench_steps(
   )
   teacher, teacher_variables = create_network("resnet20", **shape_kwargs)
   teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
+  online_teacher = OnlineTeacher(teacher, teacher_variables)
+  stored_teacher = StoredLogits({"logits": teacher_logits_NxC}, NUM_CLASSES)
   results = {}
   for kind in kinds:
-    step_kwargs = dict(augmentation=augmentation, mesh=mesh)
     batch_arrays, extra_args = arrays, ()
     if kind == "teacher_train":
       network, variables = create_network("resnet20", **shape_kwargs)
       optimizer = optim.make_optimizer(sgd_config(), 1, 1, batch_size)
-      step = train.make_train_step(network, optimizer, data, seed=SEED, **step_kwargs)
+      step = train.make_train_step(network, optimizer, data, seed=SEED, mesh=mesh)
       extra_args = (None,)
     else:
       network, variables = create_network("dsconv_student", **shape_kwargs)
@@ -217,14 +220,14 @@ def bench_steps(
           optimizer,
           data,
           seed=SEED,
-          teacher=teacher if online else None,
+          mesh=mesh,
+          teacher=online_teacher if online else stored_teacher,
           objective=methods.make_objective(distill, 1, 1),
-          **step_kwargs,
       )
       if online:
         extra_args = (teacher_variables,)
       else:
-        batch_arrays = {**arrays, "teacher_logits": {"logits": teacher_logits_NxC}}
+        batch_arrays = {**arrays, "teacher_logits": stored_teacher.per_example}
         extra_args = (None,)
     state = new_state(variables, optimizer, mesh)
     batch_iter = batches(gather, batch_arrays, data.num_train, batch_size)
@@ -256,7 +259,7 @@ def bench_pipeline(
   dataset = load_dataset(ml_collections.ConfigDict(dict(source="folder", dir=data_dir)))
   load_s = time.perf_counter() - start
   start = time.perf_counter()
-  data = train.put_on_device(dataset, mesh)
+  data = in_memory.put_on_device(dataset, mesh, augment)
   jax.block_until_ready(data.train_images)
   put_s = time.perf_counter() - start
 
@@ -276,13 +279,12 @@ def bench_pipeline(
       network,
       optimizer,
       data,
-      augmentation=augment_lib.get_augmentation(augment),
       seed=SEED,
       mesh=mesh,
-      teacher=teacher,
+      teacher=OnlineTeacher(teacher, teacher_variables),
       objective=methods.make_objective(distill, steps_per_epoch, 1),
   )
-  gather = train.make_gather(mesh)
+  gather = placement.make_gather(mesh)
   arrays = {"image": data.train_images, "label": data.train_labels}
   state = new_state(variables, optimizer, mesh)
   warm_iter = batches(gather, arrays, data.num_train, batch_size)
@@ -296,7 +298,7 @@ def bench_pipeline(
   running = train.RunningMetrics()
   start = time.perf_counter()
   for step, indices_B in enumerate(
-      train.epoch_indices(SEED, 0, data.num_train, batch_size), start=1
+      placement.epoch_indices(SEED, 0, data.num_train, batch_size), start=1
   ):
     batch = gather(arrays, indices_B)
     state, metrics = train_step(state, batch, teacher_variables)

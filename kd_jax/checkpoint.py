@@ -35,7 +35,8 @@ class StageCheckpoints:
 
   Keeps the newest `keep` checkpoints plus the best by test accuracy. Saving
   is asynchronous: `save` returns once the arrays are copied off the devices,
-  and the files are written while training goes on.
+  and the files are written while training goes on. Used as a context
+  manager, it is closed (pending writes finished) on every way out.
   """
 
   def __init__(self, stage_dir: str, keep: int = 3):
@@ -126,6 +127,13 @@ class StageCheckpoints:
     """Waits for pending writes, then releases the manager."""
     self._manager.wait_until_finished()
     self._manager.close()
+
+  def __enter__(self) -> "StageCheckpoints":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    """Closes the checkpoints however the block ends, so no save is left half written."""
+    self.close()
 
 
 def _find_checkpoints(path: str) -> str:

@@ -38,31 +38,6 @@ def jit_forward(network: Network, mean_C: np.ndarray, std_C: np.ndarray, mesh) -
   )
 
 
-def predict_logits(
-    forward: Callable,
-    variables: Variables,
-    images: jax.Array,
-    rows_N: np.ndarray,
-    batch_size: int,
-    gather: Callable,
-) -> np.ndarray:
-  """Logits of the images in `rows_N` (rows of `images`), in batches of one fixed size.
-
-  The last batch is padded with copies of the first image and the padding
-  dropped afterwards, so each example counts exactly once and nothing
-  recompiles.
-  """
-  count = len(rows_N)
-  num_batches = -(-count // batch_size)
-  rows = np.full(num_batches * batch_size, rows_N[0], np.int32)
-  rows[:count] = rows_N
-  outputs = [
-      forward(variables, gather(images, batch_rows))
-      for batch_rows in rows.reshape(num_batches, batch_size)
-  ]
-  return np.concatenate(jax.device_get(outputs))[:count]
-
-
 def topk_accuracy(logits_NxC: np.ndarray, labels_N: np.ndarray, k: int) -> float:
   """Fraction of examples whose label is among the k highest logits."""
   topk_NxK = np.argsort(-logits_NxC, axis=-1, kind="stable")[:, :k]

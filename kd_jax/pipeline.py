@@ -4,9 +4,12 @@ Each stage works in its own folder of the workdir (<workdir>/teacher,
 /student, /baseline), so a rerun resumes where the last one stopped.
 """
 
+import dataclasses
+import functools
 import json
 import os
 import time
+from typing import Callable
 
 import jax
 import ml_collections
@@ -23,10 +26,12 @@ from kd_jax import (
     predict,
     report,
     settings,
-    streaming,
     teacher_cache,
+    teachers,
     train,
 )
+from kd_jax.data import in_memory, streaming
+from kd_jax.data.placement import TrainingData
 from kd_jax.errors import UserInputError
 from kd_jax.network import Network, Variables, create_network, resolve_compute_dtype
 
@@ -93,136 +98,31 @@ def _restore_teacher(
   return checkpoint.restore_variables(path, variables, check_meta)
 
 
-def _summarise(network: Network, variables: Variables, device_data, mesh, config):
-  """Test logits and the report entry of one trained model."""
-  logits, labels = device_data.predict(
-      evaluate.jit_forward(network, device_data.mean_C, device_data.std_C, mesh),
-      variables,
-      "test",
-      config.eval.batch_size,
-  )
-  entry = {
-      "top1": evaluate.topk_accuracy(logits, labels, 1),
-      "top5": evaluate.topk_accuracy(logits, labels, 5),
-  }
-  entry.update(
-      evaluate.measure_efficiency(
-          evaluate.make_forward(network, device_data.mean_C, device_data.std_C),
-          variables,
-          device_data.image_shape,
-          batch_size=config.eval.batch_size,
-          latency_repeats=config.eval.latency_repeats,
-          throughput_repeats=config.eval.throughput_repeats,
-      )
-  )
-  return logits, entry
+@dataclasses.dataclass(frozen=True)
+class _Run:
+  """What every stage of one run shares."""
 
+  config: ml_collections.ConfigDict
+  workdir: str
+  mesh: object
+  dataset: data.Dataset | data.StreamedDataset
+  data: TrainingData
+  may_train: bool
 
-def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, mesh):
-  """Offline distillation's stored teacher predictions, computed if absent.
-
-  Returns (keyword arguments for the student's train_stage, the cache folder):
-  `teacher_logits` (plain: one row per unaugmented training image, on the
-  devices) or `teacher_views` (consistent: per epoch, the logits of every
-  step's augmented batch).
-  """
-  distill, student = config.distill, config.student
-  storage = dict(dtype=distill.cache_dtype, top_k=distill.cache_top_k)
-  root = teacher_cache.cache_root(workdir, config.teacher.checkpoint)
-  if distill.cache == "plain":
-    key = teacher_cache.fingerprint(
-        variables, dataset.digest(), distill.cache_dtype, "plain", distill.cache_top_k
+  def network(self, model: str, seed: int, **kwargs) -> tuple[Network, Variables]:
+    """A fresh network of `model` for this data, initialised from `seed`."""
+    return create_network(
+        model,
+        num_classes=self.dataset.num_classes,
+        in_channels=self.dataset.image_shape[-1],
+        compute_dtype=resolve_compute_dtype(self.config.compute_dtype),
+        seed=seed,
+        **kwargs,
     )
-    forward = evaluate.jit_forward(teacher, device_data.mean_C, device_data.std_C, mesh)
-    stored, folder = teacher_cache.load_or_compute(
-        root,
-        key,
-        device_data.num_train,
-        dataset.num_classes,
-        lambda: device_data.predict(forward, variables, "train", config.eval.batch_size)[0],
-        **storage,
-    )
-    return {"teacher_logits": stored}, folder
 
-  # Each student step's view is a pure function of (seed, step): make them all
-  # now, exactly as train_stage will, and keep the teacher's logits for them.
-  augmentation = device_data.step_augmentation(config.data.augment)
-  steps = device_data.steps_per_epoch(student.batch_size)
-  key = teacher_cache.fingerprint(
-      variables,
-      dataset.digest(),
-      distill.cache_dtype,
-      "consistent",
-      config.data.augment,
-      config.seed,
-      student.batch_size,
-      student.epochs,
-      distill.cache_top_k,
-  )
-
-  def view_logits(images_BxHxWxC, step):
-    x = train.student_view(augmentation, config.seed, step, images_BxHxWxC, device_data)
-    return teacher.apply(variables, x, train=False)[0]
-
-  teacher_on_view = parallel.in_order(jax.jit(view_logits, out_shardings=parallel.replicated(mesh)))
-
-  def compute_epoch(epoch):
-    batches = device_data.train_batches(config.seed, epoch, 0, student.batch_size)
-    logits = [
-        teacher_on_view(batch["image"], epoch * steps + position)
-        for position, batch in enumerate(batches)
-    ]
-    return np.stack(jax.device_get(logits))
-
-  views, folder = teacher_cache.load_or_compute_views(
-      root,
-      key,
-      student.epochs,
-      (steps, student.batch_size, dataset.num_classes),
-      compute_epoch,
-      **storage,
-  )
-  return {"teacher_views": views}, folder
-
-
-def _teacher_stage(config, workdir, dataset, network_kwargs, stage_kwargs):
-  """The teacher network and its trained state: restored from teacher.checkpoint, or trained."""
-  teacher, variables = create_network(config.teacher.model, seed=config.seed, **network_kwargs)
-  if not config.teacher.checkpoint:
-    return teacher, train.train_stage(
-        "teacher",
-        os.path.join(workdir, "teacher"),
-        stage_config=config.teacher,
-        network=teacher,
-        variables=variables,
-        seed=config.seed,
-        **stage_kwargs,
-    )
-  variables = jax.device_put(variables, parallel.replicated(stage_kwargs["mesh"]))
-  variables, meta = _restore_teacher(
-      config.teacher.checkpoint, variables, config.teacher.model, dataset.num_classes
-  )
-  return teacher, train.StageResult(
-      variables, meta["history"], meta["wall_time_s"], meta["settings"]
-  )
-
-
-def _foreign_teacher_logits(config, dataset, device_data):
-  """Offline distillation from data.teacher_logits_dir: logits another tool wrote.
-
-  Returns the student's train_stage keyword arguments and the folder read.
-  """
-  # Each process reads the files of its share of the images.
-  logits = teacher_cache.load_foreign(
-      config.data.teacher_logits_dir, dataset.train_files, dataset.num_classes
-  )
-  stored = teacher_cache.encode(logits, config.distill.cache_top_k, config.distill.cache_dtype)
-  logging.info(
-      "distilling from %d teacher-logit files in %s", len(logits), config.data.teacher_logits_dir
-  )
-  layout = device_data.train_layout
-  every_example = jax.tree.map(lambda a: layout.gather_all(a)[layout.rows], stored)
-  return {"teacher_logits": every_example}, os.path.abspath(config.data.teacher_logits_dir)
+  def train(self, stage: train.Stage) -> train.StageResult:
+    """Trains (or resumes, or restores a finished) `stage` in its folder of the workdir."""
+    return train.train_stage(stage, self.data, self.config, self.mesh, self.may_train)
 
 
 def train_and_evaluate(
@@ -230,15 +130,38 @@ def train_and_evaluate(
 ) -> dict:
   """Runs every stage of `config` in `workdir` and writes the report.
 
-  With `may_train` false (launch.py --mode=evaluate), the stages must be
-  finished already: their checkpoints are evaluated again and the report,
-  plots and export rewritten. Returns the report (also in
+  The stages: the teacher (trained, or restored from teacher.checkpoint; none
+  when another tool's logits are given), then for each seed the distilled
+  student and the baseline. With `may_train` false (launch.py --mode=evaluate),
+  the stages must be finished already: their checkpoints are evaluated again
+  and the report, plots and export rewritten. Returns the report (also in
   <workdir>/report.json and report.md).
   """
   mesh = parallel.make_mesh()
   settings.check(config, mesh)
   os.makedirs(workdir, exist_ok=True)
   _check_workdir_config(config, workdir)
+  run = _Run(config, workdir, mesh, *_load_data(config, mesh), may_train)
+  settings.check_against_data(config, run.data.num_train)
+  if jax.process_index() == 0:
+    predict.write_dataset_info(
+        workdir, run.dataset.class_names, run.dataset.image_shape, run.data.mean_C, run.data.std_C
+    )
+  stages, online = {}, None
+  if not config.data.teacher_logits_dir:  # else another tool's logits: no teacher here
+    stages["teacher"] = teacher, teacher_run = _teacher_stage(run)
+    online = teachers.OnlineTeacher(teacher, teacher_run.variables)
+  teacher_for, stored_logits = _student_teachers(run, online)
+  seed_runs = _student_stages(run, teacher_for)
+  stages.update({name: runs[0] for name, runs in seed_runs.items()})
+  results = _report(run, stages, seed_runs, stored_logits)
+  if jax.process_index() == 0:
+    _write_outputs(run, results, stages)
+  return results
+
+
+def _load_data(config, mesh) -> tuple[data.Dataset | data.StreamedDataset, TrainingData]:
+  """This process's share of the dataset, and the training data placed for the devices."""
   streamed = data.streams(config.data, jax.process_count())
   if config.data.eval_crop < 1 and not streamed:
     raise UserInputError(
@@ -271,139 +194,199 @@ def train_and_evaluate(
       config.student.batch_size // mesh.size,
   )
   if streamed:
-    device_data = streaming.StreamedData(dataset, mesh, config.data)
-  else:
-    device_data = train.put_on_device(dataset, mesh)
-  settings.check_against_data(config, device_data.num_train)
-  network_kwargs = dict(
-      num_classes=dataset.num_classes,
-      in_channels=dataset.image_shape[-1],
-      compute_dtype=resolve_compute_dtype(config.compute_dtype),
-  )
-  stage_kwargs = dict(config=config, data=device_data, mesh=mesh, may_train=may_train)
-  if jax.process_index() == 0:
-    predict.write_dataset_info(
-        workdir, dataset.class_names, dataset.image_shape, device_data.mean_C, device_data.std_C
-    )
+    return dataset, streaming.StreamedData(dataset, mesh, config.data)
+  return dataset, in_memory.put_on_device(dataset, mesh, config.data.augment)
 
-  teacher = teacher_run = None
-  if not config.data.teacher_logits_dir:  # else another tool's logits: no teacher here
-    teacher, teacher_run = _teacher_stage(config, workdir, dataset, network_kwargs, stage_kwargs)
-  offline_kwargs, cache_folder = {}, None
-  logits_start = time.perf_counter()
+
+def _teacher_stage(run: _Run) -> tuple[Network, train.StageResult]:
+  """The teacher network and its trained state: restored from teacher.checkpoint, or trained."""
+  config = run.config
+  teacher, variables = run.network(config.teacher.model, config.seed)
+  if not config.teacher.checkpoint:
+    directory = os.path.join(run.workdir, "teacher")
+    stage = train.Stage("teacher", directory, teacher, variables, config.teacher, config.seed)
+    return teacher, run.train(stage)
+  variables = jax.device_put(variables, parallel.replicated(run.mesh))
+  variables, meta = _restore_teacher(
+      config.teacher.checkpoint, variables, config.teacher.model, run.dataset.num_classes
+  )
+  return teacher, train.StageResult(
+      variables, meta["history"], meta["wall_time_s"], meta["settings"]
+  )
+
+
+def _student_teachers(
+    run: _Run, online: teachers.OnlineTeacher | None
+) -> tuple[Callable[[int], teachers.Teacher], dict | None]:
+  """seed -> the teacher that seed's student distils from; and the report's stored-logits entry.
+
+  Online distillation runs `online` in every student's step. Offline, the
+  students share one set of stored logits (plain cache, or another tool's),
+  or each seed has the logits of its own views (consistent cache). The
+  report describes the first seed's, timed as it is computed or loaded.
+  """
+  config = run.config
+  if online is not None and config.distill.mode == "online":
+    return lambda seed: online, None
+  started = time.perf_counter()
   if config.data.teacher_logits_dir:
-    offline_kwargs, cache_folder = _foreign_teacher_logits(config, dataset, device_data)
-  elif config.distill.mode == "offline":
-    offline_kwargs, cache_folder = _teacher_logits(
-        config, workdir, dataset, device_data, teacher, teacher_run.variables, mesh
+    shared = _foreign_teacher_logits(run)
+    stored_for = lambda seed: shared
+  else:
+    cache = teachers.CacheSpec(
+        root=teacher_cache.cache_root(run.workdir, config.teacher.checkpoint),
+        dtype=config.distill.cache_dtype,
+        top_k=config.distill.cache_top_k,
+        data_digest=run.dataset.digest(),
+        augment=config.data.augment,
     )
-  logits_time_s = time.perf_counter() - logits_start
-
-  def train_student(name: str, distilled: bool, seed: int) -> tuple[Network, train.StageResult]:
-    # A fresh network each time: the same seed gives the baseline the very same
-    # initial weights, and the first stage's arrays are donated to its steps.
-    student, variables = create_network(
-        config.student.model,
-        width_multiplier=config.student.width_multiplier,
-        seed=seed,
-        **network_kwargs,
-    )
-    teacher_kwargs = {}
-    if distilled and config.distill.mode == "offline":
-      teacher_kwargs = offline_kwargs
-    elif distilled:
-      teacher_kwargs = dict(teacher=teacher, teacher_variables=teacher_run.variables)
-    return student, train.train_stage(
-        name,
-        os.path.join(workdir, name),
-        stage_config=config.student,
-        network=student,
-        variables=variables,
-        seed=seed,
-        **teacher_kwargs,
-        **stage_kwargs,
-    )
-
-  # Published KD results are means over runs: with seeds = N, student and
-  # baseline train N times (seed, seed + 1, ...), the teacher once. The first
-  # run of each keeps the plain stage name and feeds the comparison.
-  stage_names = (
-      {"student": True, "baseline": False} if config.baseline.enabled else {"student": True}
-  )
-  runs = {"teacher": (teacher, teacher_run)} if teacher else {}
-  repeats = {name: [] for name in stage_names}
-  for index in range(config.seeds):
-    for name, distilled in stage_names.items():
-      stage = name if index == 0 else f"{name}_seed{config.seed + index}"
-      network, run = train_student(stage, distilled, config.seed + index)
-      if index == 0:
-        runs[name] = (network, run)
-      repeats[name].append(run)
-
-  results = {
-      "dataset": {
-          "name": config.data.name if config.data.source == "tfds" else config.data.source,
-          "num_train": device_data.num_train,
-          "num_test": len(device_data.test_layout.rows),
-          "num_classes": dataset.num_classes,
-      },
-      "devices": f"{mesh.size} x {jax.devices()[0].device_kind}",
-  }
-  predictions = {}
-  for name, (network, run) in runs.items():
-    logits, entry = _summarise(network, run.variables, device_data, mesh, config)
-    predictions[name] = logits.argmax(-1)
-    best = max(run.history, key=lambda epoch: epoch["test_top1"])
-    results[name] = {
-        **entry,
-        "best_top1": best["test_top1"],
-        "best_epoch": best["epoch"],
-        "epochs": len(run.history),
-        "epoch_time_s": float(np.mean([epoch["epoch_time_s"] for epoch in run.history])),
-        "wall_time_s": run.wall_time_s,
-        "model": network.name,
-        **run.settings,
-    }
-  if cache_folder is not None:
-    results["teacher_logits"] = {
-        "folder": cache_folder,
-        "bytes": teacher_cache.size_on_disk(cache_folder),
-        "dtype": config.distill.cache_dtype,
-        "top_k": config.distill.cache_top_k,
-        "kind": "foreign" if config.data.teacher_logits_dir else config.distill.cache,
-        "time_s": logits_time_s,  # to compute (or just load) them
-    }
-  if config.seeds > 1:
-    results["seeds"] = {
-        name: report.summarise_runs(
-            [run.history[-1]["test_top1"] for run in stage_runs],
-            [max(epoch["test_top1"] for epoch in run.history) for run in stage_runs],
-            [config.seed + index for index in range(config.seeds)],
-        )
-        for name, stage_runs in repeats.items()
-    }
-  results["comparison"] = report.compare(
-      results.get("teacher"),
-      results["student"],
-      results.get("baseline"),
-      float((predictions["student"] == predictions["teacher"]).mean()) if teacher else None,
-  )
-  if jax.process_index() == 0:
-    report.write_report(results, workdir)
-    plots.plot_training_curves(
-        {name: run.history for name, (_, run) in runs.items()},
-        os.path.join(workdir, "training_curves.png"),
-    )
-    plots.plot_tradeoffs(results, os.path.join(workdir, "tradeoffs.png"))
-    if config.export.enabled:
-      student, student_run = runs["student"]
-      export.export_model(  # on process 0 alone: from its own copy of the weights
-          student,
-          parallel.local_replica(student_run.variables),
-          image_shape=dataset.image_shape,
-          mean_C=device_data.mean_C,
-          std_C=device_data.std_C,
-          class_names=dataset.class_names,
-          out_dir=os.path.join(workdir, "export", "student"),
+    if config.distill.cache == "plain":
+      shared = teachers.plain_logits(online, run.data, cache, config.eval.batch_size, run.mesh)
+      stored_for = lambda seed: shared
+    elif config.distill.cache == "consistent":
+      stored_for = functools.cache(
+          lambda seed: teachers.consistent_views(
+              online, run.data, cache, seed, config.student, run.mesh
+          )
       )
-  return results
+    else:
+      raise UserInputError(
+          f"unknown distill.cache {config.distill.cache!r}; use 'plain' or 'consistent'"
+      )
+  folder = stored_for(config.seed)[1]
+  entry = {
+      "folder": folder,
+      "bytes": teacher_cache.size_on_disk(folder),
+      "dtype": config.distill.cache_dtype,
+      "top_k": config.distill.cache_top_k,
+      "kind": "foreign" if config.data.teacher_logits_dir else config.distill.cache,
+      "time_s": time.perf_counter() - started,  # to compute (or just load) them
+  }
+  return lambda seed: stored_for(seed)[0], entry
+
+
+def _foreign_teacher_logits(run: _Run) -> tuple[teachers.StoredLogits, str]:
+  """Offline distillation from data.teacher_logits_dir: logits another tool wrote.
+
+  Returns the students' teacher and the folder read.
+  """
+  config = run.config
+  # Each process reads the files of its share of the images.
+  logits = teacher_cache.load_foreign(
+      config.data.teacher_logits_dir, run.dataset.train_files, run.dataset.num_classes
+  )
+  stored = teacher_cache.encode(logits, config.distill.cache_top_k, config.distill.cache_dtype)
+  logging.info(
+      "distilling from %d teacher-logit files in %s", len(logits), config.data.teacher_logits_dir
+  )
+  every_example = jax.tree.map(run.data.train_layout.every_example, stored)
+  folder = os.path.abspath(config.data.teacher_logits_dir)
+  return teachers.StoredLogits.place(run.data, every_example), folder
+
+
+def _student_stages(
+    run: _Run, teacher_for: Callable[[int], teachers.Teacher]
+) -> dict[str, list[tuple[Network, train.StageResult]]]:
+  """The distilled student and the baseline (if enabled), once per seed: stage name -> runs.
+
+  Published KD results are means over runs: with seeds = N, student and
+  baseline train N times (seed, seed + 1, ...), the teacher once. The first
+  run of each keeps the plain stage name and feeds the comparison.
+  """
+  config = run.config
+  distilled = {"student": True, "baseline": False} if config.baseline.enabled else {"student": True}
+  runs = {name: [] for name in distilled}
+  for index in range(config.seeds):
+    seed = config.seed + index
+    for name, distils in distilled.items():
+      stage_name = name if index == 0 else f"{name}_seed{seed}"
+      # A fresh network each time: the same seed gives the baseline the very same
+      # initial weights, and the first stage's arrays are donated to its steps.
+      network, variables = run.network(
+          config.student.model, seed, width_multiplier=config.student.width_multiplier
+      )
+      stage = train.Stage(
+          stage_name,
+          os.path.join(run.workdir, stage_name),
+          network,
+          variables,
+          config.student,
+          seed,
+          teacher_for(seed) if distils else None,
+      )
+      runs[name].append((network, run.train(stage)))
+  return runs
+
+
+def _report(run: _Run, stages: dict, seed_runs: dict, stored_logits: dict | None) -> dict:
+  """The report: every stage's test results and costs, stored logits, seeds, comparison."""
+  config = run.config
+  models, predictions = {}, {}
+  for name, (network, stage_run) in stages.items():
+    logits, summary = _summarise(network, stage_run.variables, run)
+    predictions[name] = logits.argmax(-1)
+    models[name] = report.model_entry(summary, stage_run, network.name)
+  agreement = None
+  if "teacher" in predictions:
+    agreement = float((predictions["student"] == predictions["teacher"]).mean())
+  seeds = None
+  if config.seeds > 1:
+    seeds = report.seed_summaries(
+        {name: [stage_run for _, stage_run in runs] for name, runs in seed_runs.items()},
+        [config.seed + index for index in range(config.seeds)],
+    )
+  dataset = {
+      "name": config.data.name if config.data.source == "tfds" else config.data.source,
+      "num_train": run.data.num_train,
+      "num_test": len(run.data.test_layout.rows),
+      "num_classes": run.dataset.num_classes,
+  }
+  devices = f"{run.mesh.size} x {jax.devices()[0].device_kind}"
+  return report.assemble(dataset, devices, models, agreement, stored_logits, seeds)
+
+
+def _summarise(network: Network, variables: Variables, run: _Run) -> tuple[np.ndarray, dict]:
+  """Test logits, and the test results and costs of one trained model."""
+  training, config = run.data, run.config
+  logits, labels = training.predict(
+      evaluate.jit_forward(network, training.mean_C, training.std_C, run.mesh),
+      variables,
+      "test",
+      config.eval.batch_size,
+  )
+  summary = {
+      "top1": evaluate.topk_accuracy(logits, labels, 1),
+      "top5": evaluate.topk_accuracy(logits, labels, 5),
+  }
+  summary.update(
+      evaluate.measure_efficiency(
+          evaluate.make_forward(network, training.mean_C, training.std_C),
+          variables,
+          training.image_shape,
+          batch_size=config.eval.batch_size,
+          latency_repeats=config.eval.latency_repeats,
+          throughput_repeats=config.eval.throughput_repeats,
+      )
+  )
+  return logits, summary
+
+
+def _write_outputs(run: _Run, results: dict, stages: dict) -> None:
+  """report.json and .md, the plots and (if enabled) the exported student, in the workdir."""
+  report.write_report(results, run.workdir)
+  plots.plot_training_curves(
+      {name: stage_run.history for name, (_, stage_run) in stages.items()},
+      os.path.join(run.workdir, "training_curves.png"),
+  )
+  plots.plot_tradeoffs(results, os.path.join(run.workdir, "tradeoffs.png"))
+  if run.config.export.enabled:
+    student, student_run = stages["student"]
+    export.export_model(  # on process 0 alone: from its own copy of the weights
+        student,
+        parallel.local_replica(student_run.variables),
+        image_shape=run.dataset.image_shape,
+        mean_C=run.data.mean_C,
+        std_C=run.data.std_C,
+        class_names=run.dataset.class_names,
+        out_dir=os.path.join(run.workdir, "export", "student"),
+    )

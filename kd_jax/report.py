@@ -55,6 +55,61 @@ def compare(
   }
 
 
+def model_entry(summary: dict, run, model: str) -> dict:
+  """One model's entry: its test `summary` (top-1, top-5, size, speed), then how it trained.
+
+  `run` is the stage's result (`train.StageResult`): its history gives the
+  best epoch and the time per epoch, its settings the batch, learning rate
+  and devices.
+  """
+  # A stage of zero epochs (weights taken as they are) has no history: n/a.
+  best = max(run.history, key=lambda epoch: epoch["test_top1"], default={})
+  epoch_times = [epoch["epoch_time_s"] for epoch in run.history]
+  return {
+      **summary,
+      "best_top1": best.get("test_top1"),
+      "best_epoch": best.get("epoch"),
+      "epochs": len(run.history),
+      "epoch_time_s": float(np.mean(epoch_times)) if epoch_times else None,
+      "wall_time_s": run.wall_time_s,
+      "model": model,
+      **run.settings,
+  }
+
+
+def seed_summaries(runs: dict[str, list], seeds: list[int]) -> dict:
+  """The "seeds" section: per stage name, `summarise_runs` of its runs (one per seed, in order)."""
+  return {
+      name: summarise_runs(
+          [run.history[-1]["test_top1"] for run in stage_runs],
+          [max(epoch["test_top1"] for epoch in run.history) for run in stage_runs],
+          seeds,
+      )
+      for name, stage_runs in runs.items()
+  }
+
+
+def assemble(
+    dataset: dict,
+    devices: str,
+    models: dict[str, dict],
+    agreement: float | None,
+    teacher_logits: dict | None,
+    seeds: dict | None,
+) -> dict:
+  """The whole report: the dataset, the devices, each model's entry (`model_entry`), the
+  stored teacher logits (offline), the seed summaries (several seeds) and the comparison."""
+  report = {"dataset": dataset, "devices": devices, **models}
+  if teacher_logits is not None:
+    report["teacher_logits"] = teacher_logits
+  if seeds is not None:
+    report["seeds"] = seeds
+  report["comparison"] = compare(
+      models.get("teacher"), models["student"], models.get("baseline"), agreement
+  )
+  return report
+
+
 def summarise_runs(top1s: list[float], best_top1s: list[float], seeds: list[int]) -> dict:
   """Mean and standard deviation (ddof 1) of last- and best-epoch top-1 over seeds."""
   return {

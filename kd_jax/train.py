@@ -1,11 +1,10 @@
-"""Pure, jitted train steps and the loop over epochs that drives them.
+"""The train step and the loop of one stage: epochs of steps, evaluations, checkpoints.
 
 A train step takes the state and a batch and returns the new state and
-metrics; it is compiled once per stage and donates the old state. A dataset
-that fits sits in device memory as uint8 (`DeviceData`): a step receives only
-the batch gathered from it, so no image crosses from the host after the first
-copy. One that does not fit is streamed (`streaming.StreamedData`, the same
-interface): batches arrive from the host ahead of the steps that use them.
+metrics; it is compiled once per stage and donates the old state. The loop
+knows the training data only through `placement.TrainingData` (in memory or
+streamed: the same batches either way) and the teacher only through
+`teachers.Teacher`; it knows nothing of the stages a run is made of.
 """
 
 import contextlib
@@ -13,23 +12,24 @@ import dataclasses
 import signal
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Callable
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from tqdm import tqdm
 
-from kd_jax import evaluate, logs, methods, ops, optim, parallel, schedules, teacher_cache
+from kd_jax import evaluate, logs, methods, ops, optim, parallel, schedules
 from kd_jax.checkpoint import StageCheckpoints
-from kd_jax.data import Dataset
-from kd_jax.data import augment as augment_lib
+from kd_jax.data.placement import TrainingData
 from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
 from kd_jax.network import Network, Variables
 from kd_jax.settings import check_batch_fits
+from kd_jax.teachers import Teacher
 
 
 @flax.struct.dataclass
@@ -41,195 +41,32 @@ class TrainState:
   opt_state: optax.OptState
 
 
-class RowLayout:
-  """Where each example of one split lives among the rows of its global arrays.
-
-  Every process pads its share of the examples to one block size, a multiple
-  of its device count, and its block takes the rows of its own devices.
-  `rows` gives the row of each example in the order of a one-process load, so
-  addressing data by row picks the same examples whatever the process count.
-  """
-
-  def __init__(self, counts_P: np.ndarray):
-    local = jax.local_device_count()
-    self.block = -(-int(counts_P.max()) // local) * local
-    self.num_rows = self.block * len(counts_P)
-    self.rows = np.concatenate(
-        [p * self.block + np.arange(c) for p, c in enumerate(counts_P)]
-    ).astype(np.int32)
-
-  def pad(self, share: np.ndarray) -> np.ndarray:
-    """This process's share padded with zeros to the block size."""
-    padded = np.zeros((self.block, *share.shape[1:]), share.dtype)
-    padded[: len(share)] = share
-    return padded
-
-  def spread(self, share: np.ndarray, mesh) -> jax.Array:
-    """The global array, split by rows over the mesh, of every process's share."""
-    return jax.make_array_from_process_local_data(
-        parallel.batch_sharding(mesh), self.pad(share), (self.num_rows, *share.shape[1:])
-    )
-
-  def gather_all(self, share: np.ndarray) -> np.ndarray:
-    """Every process's share, by row, in host memory on every process."""
-    return parallel.allgather(self.pad(share))
-
-  def by_row(self, per_example: np.ndarray) -> np.ndarray:
-    """An array of one entry per example (all processes'), laid out by row."""
-    by_row = np.zeros((self.num_rows, *per_example.shape[1:]), per_example.dtype)
-    by_row[self.rows] = per_example
-    return by_row
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceData:
-  """A dataset held in device memory as uint8, its images split over the mesh.
-
-  Each process's devices hold its share of the images; what a step gathers
-  is addressed by row (see RowLayout). `streaming.StreamedData` has the same
-  interface for data read from disk as training goes.
-  """
-
-  train_images: jax.Array
-  train_labels: jax.Array  # by row, replicated
-  train_layout: RowLayout
-  test_images: jax.Array
-  test_layout: RowLayout
-  test_labels: np.ndarray  # by example, on the host
-  mean_C: np.ndarray
-  std_C: np.ndarray
-  num_classes: int
-  gather: Callable  # make_gather's, for this mesh
-
-  @property
-  def num_train(self) -> int:
-    """Training examples over all processes."""
-    return len(self.train_layout.rows)
-
-  @property
-  def image_shape(self) -> tuple[int, int, int]:
-    """(H, W, C) of every image."""
-    return tuple(self.train_images.shape[1:])
-
-  def steps_per_epoch(self, batch_size: int) -> int:
-    """Steps of one epoch at the global `batch_size`."""
-    return self.num_train // batch_size
-
-  def step_augmentation(self, kind: str) -> augment_lib.Augmentation:
-    """What the train step does to a batch before normalising it: the whole augmentation."""
-    return augment_lib.get_augmentation(kind)
-
-  def put_per_example(self, stored: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Per-example arrays given for every example (one-process order), on the devices by row."""
-    mesh = self.train_images.sharding.mesh
-    return jax.device_put(jax.tree.map(self.train_layout.by_row, stored), parallel.replicated(mesh))
-
-  def train_batches(
-      self, seed: int, epoch: int, start: int, batch_size: int, per_example: dict | None = None
-  ) -> Iterator[dict]:
-    """The global batches of steps `start`.. of `epoch`: "image", "label" and any `per_example` rows."""
-    arrays = {"image": self.train_images, "label": self.train_labels}
-    if per_example:
-      arrays["teacher_logits"] = per_example
-    rows_SxB = self.train_layout.rows[epoch_indices(seed, epoch, self.num_train, batch_size)]
-    return (self.gather(arrays, rows_B) for rows_B in rows_SxB[start:])
-
-  def predict(
-      self, forward: Callable, variables: Variables, split: str, batch_size: int
-  ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, labels) of every example of `split` ('train' or 'test'), unaugmented, in one-process order."""
-    if split == "train":
-      images, layout = self.train_images, self.train_layout
-      labels = np.asarray(jax.device_get(self.train_labels))[layout.rows]
-    else:
-      images, layout, labels = self.test_images, self.test_layout, self.test_labels
-    logits = evaluate.predict_logits(
-        forward, variables, images, layout.rows, batch_size, self.gather
-    )
-    return logits, labels
-
-
-def put_on_device(dataset: Dataset, mesh) -> DeviceData:
-  """Copies this process's share of the dataset to its devices once; steps gather from it.
-
-  The normalisation statistics are over the whole training split, from every
-  process's pixel histograms, so they are exact and the same everywhere.
-  """
-  counts_Px2 = parallel.allgather(
-      np.array([[len(dataset.train_labels), len(dataset.test_labels)]], np.int64)
-  )
-  train, test = RowLayout(counts_Px2[:, 0]), RowLayout(counts_Px2[:, 1])
-  histograms = parallel.allgather(augment_lib.pixel_histograms(dataset.train_images)[None])
-  mean_C, std_C = augment_lib.normalization_stats(histograms.sum(axis=0))
-  # Labels are small: every process keeps all of them.
-  train_labels = train.gather_all(dataset.train_labels.astype(np.int32))
-  return DeviceData(
-      train.spread(dataset.train_images, mesh),
-      jax.device_put(train_labels, parallel.replicated(mesh)),
-      train,
-      test.spread(dataset.test_images, mesh),
-      test,
-      test.gather_all(dataset.test_labels.astype(np.int32))[test.rows],
-      mean_C,
-      std_C,
-      dataset.num_classes,
-      make_gather(mesh),
-  )
-
-
-def make_gather(mesh) -> Callable:
-  """A jitted `gather(arrays, indices_B)` whose batches are split over the mesh."""
-  return parallel.in_order(
-      jax.jit(
-          lambda arrays, indices_B: jax.tree.map(lambda a: a[indices_B], arrays),
-          out_shardings=parallel.batch_sharding(mesh),
-      )
-  )
-
-
-def student_view(
-    augmentation: Callable, seed: int, step: jax.Array, images_BxHxWxC: jax.Array, data
-) -> jax.Array:
-  """What the student sees at `step`: the batch augmented, then normalised.
-
-  The augmentation draws come from (seed, step) alone, so the views of any
-  step can be made again, e.g. for the teacher ahead of time (offline
-  distillation with consistent views).
-  """
-  images = augmentation(augment_lib.step_key(seed, step), images_BxHxWxC)
-  return augment_lib.normalize(images, data.mean_C, data.std_C)
-
-
 def make_train_step(
     network: Network,
     optimizer: optax.GradientTransformation,
-    data,
+    data: TrainingData,
     *,
-    augmentation: Callable,
     seed: int,
     mesh,
-    teacher: Network | None = None,
+    teacher: Teacher | None = None,
     objective: methods.Objective = methods.cross_entropy_objective,
 ) -> Callable:
   """The jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
 
-  With a teacher, it runs in inference mode inside the same step and
-  `objective` compares its logits with the student's; without one, the
-  objective gets the batch's stored "teacher_logits" if it has them (offline
-  distillation, in `teacher_cache.encode`'s form), else None. The teacher's
-  variables are an argument, neither updated nor donated, so they stay outside
-  the optimizer and one teacher can serve every student.
+  The student sees `data.student_view` of the batch. With a teacher, the
+  objective compares the teacher's logits of the batch (`teacher.logits`)
+  with the student's; without one, it gets None. The teacher's variables are
+  an argument, neither updated nor donated, so they stay outside the
+  optimizer and one teacher can serve every student.
   """
 
   def train_step(state: TrainState, batch: dict, teacher_variables: Variables | None):
-    x = student_view(augmentation, seed, state.step, batch["image"], data)
+    x = data.student_view(seed, state.step, batch["image"])
     labels_B = batch["label"]
     teacher_logits_BxC = None
     if teacher is not None:
-      teacher_logits_BxC = teacher.apply(teacher_variables, x, train=False)[0]
+      teacher_logits_BxC = teacher.logits(teacher_variables, batch, x)
       x = ops.after(x, teacher_logits_BxC)  # teacher, then student: see ops.after
-    elif "teacher_logits" in batch:  # offline distillation: stored predictions
-      teacher_logits_BxC = teacher_cache.decode(batch["teacher_logits"], data.num_classes)
 
     def loss_fn(params):
       logits_BxC, batch_stats = network.apply(
@@ -257,17 +94,6 @@ def make_train_step(
   return parallel.in_order(
       jax.jit(train_step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
   )
-
-
-def epoch_indices(seed: int, epoch: int, count: int, batch_size: int) -> np.ndarray:
-  """The shuffled example order of one epoch, as steps x batch_size indices.
-
-  A pure function of (seed, epoch), so an epoch can be replayed exactly; the
-  last partial batch is dropped so that every step has the same shape.
-  """
-  steps = count // batch_size
-  order = np.random.default_rng([seed, epoch]).permutation(count)
-  return order[: steps * batch_size].reshape(steps, batch_size).astype(np.int32)
 
 
 class RunningMetrics:
@@ -334,6 +160,24 @@ def stop_requests():
       signal.signal(s, handler)
 
 
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage to train: its network, where its files go, its settings and its teacher.
+
+  `settings` is the stage's config section (epochs, batch_size, optimizer);
+  `seed` fixes the data order and the augmentation draws; with a `teacher`,
+  the student distils from it (see `teachers`).
+  """
+
+  name: str
+  directory: str
+  network: Network
+  variables: Variables
+  settings: ml_collections.ConfigDict
+  seed: int
+  teacher: Teacher | None = None
+
+
 @dataclasses.dataclass
 class StageResult:
   """What a stage leaves behind: final variables and per-epoch history."""
@@ -344,193 +188,252 @@ class StageResult:
   settings: dict  # what makes two reports comparable: batch, learning rate, devices
 
 
+@dataclasses.dataclass(frozen=True)
+class StageLoop:
+  """The parts of a stage's loop that stay fixed while it trains."""
+
+  name: str
+  data: TrainingData
+  teacher: Teacher | None
+  seed: int
+  batch_size: int
+  steps: int  # per epoch
+  epochs: int
+  train_step: Callable  # make_train_step's
+  forward: Callable  # evaluate.jit_forward's
+  eval_batch_size: int
+  every_steps: int  # checkpoint.every_steps
+  meta: dict  # what every checkpoint records besides progress: model, classes, settings
+
+  def batches(self, epoch: int, start: int):
+    """The batches of steps `start`.. of `epoch`, with the teacher's part if there is one."""
+    if self.teacher is None:
+      return self.data.train_batches(self.seed, epoch, start, self.batch_size)
+    return self.teacher.batches(self.data, self.seed, epoch, start, self.batch_size)
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where a stage stands: its train state, and what the host has counted of it."""
+
+  state: TrainState
+  step: int
+  history: list[dict]
+  running: RunningMetrics
+  trained_s: float  # training time before this process took over
+  wall_time_s: float  # training time as of the last checkpoint
+  started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
 def train_stage(
-    name: str,
-    stage_dir: str,
-    *,
-    config,
-    stage_config,
-    network: Network,
-    variables: Variables,
-    data,
-    mesh,
-    teacher: Network | None = None,
-    teacher_variables: Variables | None = None,
-    teacher_logits: dict[str, np.ndarray] | None = None,
-    teacher_views: Callable[[int], dict[str, np.ndarray]] | None = None,
-    seed: int,
-    may_train: bool = True,
+    stage: Stage, data: TrainingData, config, mesh, may_train: bool = True
 ) -> StageResult:
   """Trains one stage (teacher, student or baseline) for its configured epochs.
-
-  `seed` fixes the data order and the augmentation draws. The student
-  distils from `teacher` run inside the step (online), from `teacher_logits`,
-  one row per training example (offline, plain), or from `teacher_views(epoch)`,
-  the logits of exactly the views each step of that epoch shows the student,
-  steps x batch x classes (offline, consistent); stored logits come in
-  `teacher_cache.encode`'s form, `teacher_logits` in one-process order.
-  `data` is a `DeviceData` or a `streaming.StreamedData`.
 
   Saves an Orbax checkpoint every `checkpoint.every_steps` steps and at each
   epoch end, after a test-set evaluation and a line in metrics.jsonl and
   TensorBoard. A stage with checkpoints resumes from the newest whole one,
   mid-epoch if need be, and ends exactly as an uninterrupted run would; a
   finished stage just returns its final state. With `may_train` false, an
-  unfinished stage is an error instead.
+  unfinished stage is an error instead. However the stage ends, a signal or
+  an error included, its pending checkpoint writes finish first.
   """
-  batch_size, epochs = stage_config.batch_size, stage_config.epochs
-  parallel.check_batch_size(batch_size, f"{name}.batch_size", mesh)
-  check_batch_fits(f"{name}.batch_size", batch_size, data.num_train)
+  loop, state = _prepare(stage, data, config, mesh)
+  with StageCheckpoints(stage.directory, keep=config.checkpoint.keep) as checkpoints:
+    progress = _resume(stage.name, state, checkpoints)
+    total = loop.steps * loop.epochs
+    if not may_train and progress.step < total:
+      raise UserInputError(
+          f"{stage.name} has trained {progress.step} of its {total} steps in "
+          f"{stage.directory}; finish it with --mode=train first"
+      )
+    log = logs.StageLog(stage.directory)
+    try:
+      with stop_requests() as requested:
+        for epoch in range(progress.step // loop.steps, loop.epochs):
+          epoch_start = time.perf_counter()
+          run_epoch(loop, progress, checkpoints, epoch, requested)
+          metrics = evaluate_epoch(loop, progress, epoch_start)
+          _end_epoch(loop, progress, checkpoints, log, epoch, metrics)
+          if requested:
+            raise _interrupted(loop, progress, checkpoints, requested[0])
+    except NonFiniteMetric as e:
+      latest = checkpoints.latest_step()
+      raise TrainingDiverged(
+          f"{stage.name}: {e.name} is {e.value} at step {e.step}; the last good checkpoint is "
+          + (f"{checkpoints.directory}/{latest}" if latest is not None else "none (none saved yet)")
+          + "; lower the learning rate or enable gradient clipping, then rerun"
+      ) from None
+    finally:
+      log.close()
+  settings = loop.meta["settings"]
+  return StageResult(progress.state.variables, progress.history, progress.wall_time_s, settings)
+
+
+def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop, TrainState]:
+  """The stage's loop (step, objective, evaluation) and its initial train state."""
+  batch_size, epochs = stage.settings.batch_size, stage.settings.epochs
+  parallel.check_batch_size(batch_size, f"{stage.name}.batch_size", mesh)
+  check_batch_fits(f"{stage.name}.batch_size", batch_size, data.num_train)
   steps = data.steps_per_epoch(batch_size)
-  optimizer = optim.make_optimizer(stage_config.optimizer, steps, epochs, batch_size)
+  optimizer = optim.make_optimizer(stage.settings.optimizer, steps, epochs, batch_size)
   objective = methods.cross_entropy_objective
-  if teacher is not None or teacher_logits is not None or teacher_views is not None:
+  if stage.teacher is not None:
     objective = methods.make_objective(config.distill, steps, epochs)
   train_step = make_train_step(
-      network,
+      stage.network,
       optimizer,
       data,
-      augmentation=data.step_augmentation(config.data.augment),
-      seed=seed,
+      seed=stage.seed,
       mesh=mesh,
-      teacher=teacher,
+      teacher=stage.teacher,
       objective=objective,
   )
-  forward = evaluate.jit_forward(network, data.mean_C, data.std_C, mesh)
-
-  state = jax.device_put(
-      TrainState(jnp.zeros((), jnp.int32), variables, optimizer.init(variables.params)),
-      parallel.replicated(mesh),
+  settings = {
+      "batch_size": batch_size,
+      "optimizer": stage.settings.optimizer.name,
+      "learning_rate": schedules.peak_learning_rate(stage.settings.optimizer, batch_size),
+      "devices": mesh.size,
+      "compute_dtype": stage.network.compute_dtype,
+  }
+  loop = StageLoop(
+      name=stage.name,
+      data=data,
+      teacher=stage.teacher,
+      seed=stage.seed,
+      batch_size=batch_size,
+      steps=steps,
+      epochs=epochs,
+      train_step=train_step,
+      forward=evaluate.jit_forward(stage.network, data.mean_C, data.std_C, mesh),
+      eval_batch_size=config.eval.batch_size,
+      every_steps=config.checkpoint.every_steps,
+      meta={
+          "model": stage.network.name,
+          "num_classes": data.num_classes,
+          "epochs": epochs,
+          "settings": settings,
+      },
   )
-  checkpoints = StageCheckpoints(stage_dir, keep=config.checkpoint.keep)
-  meta = {"history": [], "wall_time_s": 0.0, "epoch_sums": {}, "epoch_count": 0}
+  state = TrainState(
+      jnp.zeros((), jnp.int32), stage.variables, optimizer.init(stage.variables.params)
+  )
+  return loop, jax.device_put(state, parallel.replicated(mesh))
+
+
+def _resume(name: str, state: TrainState, checkpoints: StageCheckpoints) -> Progress:
+  """The progress of the newest whole checkpoint, or of `state` if there is none."""
   restored = checkpoints.restore_latest(
       state.variables, {"step": state.step, "opt_state": state.opt_state}
   )
-  if restored is not None:
-    variables, train, meta = restored
-    state = TrainState(train["step"], variables, train["opt_state"])
-    logging.info("%s: resuming at step %d from %s", name, int(state.step), checkpoints.directory)
+  if restored is None:
+    return Progress(state, 0, [], RunningMetrics(), 0.0, 0.0)
+  variables, train, meta = restored
+  logging.info("%s: resuming at step %d from %s", name, int(train["step"]), checkpoints.directory)
+  return Progress(
+      TrainState(train["step"], variables, train["opt_state"]),
+      int(train["step"]),
+      meta["history"],
+      RunningMetrics(meta["epoch_sums"], meta["epoch_count"]),
+      meta["wall_time_s"],
+      meta["wall_time_s"],
+  )
 
-  settings = {
-      "batch_size": batch_size,
-      "optimizer": stage_config.optimizer.name,
-      "learning_rate": schedules.peak_learning_rate(stage_config.optimizer, batch_size),
-      "devices": mesh.size,
-      "compute_dtype": network.compute_dtype,
-  }
-  step = int(state.step)
-  if not may_train and step < steps * epochs:
-    raise UserInputError(
-        f"{name} has trained {step} of its {steps * epochs} steps in {stage_dir}; "
-        f"finish it with --mode=train first"
-    )
-  session_start = time.perf_counter()
-  running = RunningMetrics(meta["epoch_sums"], meta["epoch_count"])
-  history = meta["history"]
 
-  def save(test_top1=None):
-    wall_time_s = meta["wall_time_s"] + time.perf_counter() - session_start
-    checkpoints.save(
-        step,
-        state.variables,
-        {"step": state.step, "opt_state": state.opt_state},
-        {
-            "model": network.name,
-            "num_classes": data.num_classes,
-            "epochs": epochs,
-            "history": history,
-            "wall_time_s": wall_time_s,
-            "epoch_sums": running.sums,
-            "epoch_count": running.count,
-            "settings": settings,
-        },
-        test_top1=test_top1,
-    )
-    return wall_time_s
+def run_epoch(
+    loop: StageLoop, progress: Progress, checkpoints: StageCheckpoints, epoch: int, requested: list
+) -> None:
+  """Runs the steps of `epoch` from `progress.step` on, and sums their metrics.
 
-  def stop(signum: int, saved: bool = False):
-    if not saved:
-      running.flush()
-      save()
-    checkpoints.close()
-    raise Interrupted(
-        f"{name}: stopped by signal {signum} at step {step}; checkpoint saved in "
-        f"{checkpoints.directory}; run the same command again to resume",
-        signum,
-    )
-
-  per_example = None if teacher_logits is None else data.put_per_example(teacher_logits)
-  log = logs.StageLog(stage_dir)
-  wall_time_s = meta["wall_time_s"]
-  try:
-    with stop_requests() as requested:
-      for epoch in range(step // steps, epochs):
-        epoch_start = time.perf_counter()
-        with tqdm(
-            total=steps,
-            initial=step % steps,
-            desc=f"{name} {epoch + 1}/{epochs}",
-            leave=False,
-            disable=None if jax.process_index() == 0 else True,
-        ) as progress:
-          if teacher_views is not None:
-            views = teacher_views(epoch)
-            view_logits = jax.device_put(
-                [jax.tree.map(lambda a: a[p], views) for p in range(steps)],
-                parallel.batch_sharding(mesh),
-            )
-          batches = data.train_batches(seed, epoch, step % steps, batch_size, per_example)
-          for position, batch in zip(range(step % steps, steps), batches):
-            if teacher_views is not None:
-              batch["teacher_logits"] = view_logits[position]
-            state, metrics = train_step(state, batch, teacher_variables)
-            step += 1
-            running.add(step, metrics)
-            if step % 10 == 0:
-              running.flush(keep=1)
-              if running.last:  # none yet when a short epoch has just begun
-                progress.set_postfix(
-                    {k: f"{running.last[k]:.3f}" for k in ("loss", "accuracy")}, refresh=False
-                )
-            progress.update(1)
-            # At an epoch's last step the epoch end below evaluates, saves, then stops: a save
-            # here would hold the step without that epoch's evaluation, which a rerun skips.
-            if requested and step % steps:
-              stop(requested[0])
-            if config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0:
-              if step % steps:  # an epoch end saves below, with its accuracy
-                running.flush()
-                save()
-        running.flush()
-        test_logits, test_labels = data.predict(
-            forward, state.variables, "test", config.eval.batch_size
-        )
-        epoch_metrics = running.means()
-        epoch_metrics["test_top1"] = evaluate.topk_accuracy(test_logits, test_labels, 1)
-        epoch_metrics["epoch_time_s"] = time.perf_counter() - epoch_start
-        history.append({"epoch": epoch + 1, **epoch_metrics})
-        log.write(epoch + 1, epoch_metrics)
-        logging.info(
-            "%s epoch %d/%d: %s",
-            name,
-            epoch + 1,
-            epochs,
-            " ".join(f"{k}={v:.4g}" for k, v in epoch_metrics.items()),
-        )
-        running = RunningMetrics()
-        wall_time_s = save(test_top1=epoch_metrics["test_top1"])
+  Saves a checkpoint every `loop.every_steps` steps, and on a `requested`
+  stop saves one and raises Interrupted, except at the epoch's last step:
+  its end saves with the epoch's evaluation, which a rerun would skip.
+  """
+  start = progress.step % loop.steps
+  teacher_variables = None if loop.teacher is None else loop.teacher.variables
+  with tqdm(
+      total=loop.steps,
+      initial=start,
+      desc=f"{loop.name} {epoch + 1}/{loop.epochs}",
+      leave=False,
+      disable=None if jax.process_index() == 0 else True,
+  ) as progress_bar:
+    for batch in loop.batches(epoch, start):
+      progress.state, metrics = loop.train_step(progress.state, batch, teacher_variables)
+      progress.step += 1
+      progress.running.add(progress.step, metrics)
+      if progress.step % 10 == 0:
+        progress.running.flush(keep=1)
+        if progress.running.last:  # none yet when a short epoch has just begun
+          shown = {k: f"{progress.running.last[k]:.3f}" for k in ("loss", "accuracy")}
+          progress_bar.set_postfix(shown, refresh=False)
+      progress_bar.update(1)
+      if progress.step % loop.steps:  # the epoch's last step is saved by its end
         if requested:
-          stop(requested[0], saved=True)
-  except NonFiniteMetric as e:
-    latest = checkpoints.latest_step()
-    checkpoints.close()
-    raise TrainingDiverged(
-        f"{name}: {e.name} is {e.value} at step {e.step}; the last good checkpoint is "
-        + (f"{checkpoints.directory}/{latest}" if latest is not None else "none (none saved yet)")
-        + "; lower the learning rate or enable gradient clipping, then rerun"
-    ) from None
-  finally:
-    log.close()
-  checkpoints.close()
-  return StageResult(state.variables, history, wall_time_s, settings)
+          raise _interrupted(loop, progress, checkpoints, requested[0], saved=False)
+        if loop.every_steps and progress.step % loop.every_steps == 0:
+          progress.running.flush()
+          save_checkpoint(checkpoints, progress, loop.meta)
+  progress.running.flush()
+
+
+def evaluate_epoch(loop: StageLoop, progress: Progress, epoch_start: float) -> dict:
+  """The epoch's metrics: its steps' means, the test set's top-1 and the time since `epoch_start`."""
+  test_logits, test_labels = loop.data.predict(
+      loop.forward, progress.state.variables, "test", loop.eval_batch_size
+  )
+  metrics = progress.running.means()
+  metrics["test_top1"] = evaluate.topk_accuracy(test_logits, test_labels, 1)
+  metrics["epoch_time_s"] = time.perf_counter() - epoch_start
+  return metrics
+
+
+def _end_epoch(loop, progress, checkpoints, log, epoch: int, metrics: dict) -> None:
+  """Records an evaluated epoch (history, log files) and saves its checkpoint."""
+  progress.history.append({"epoch": epoch + 1, **metrics})
+  log.write(epoch + 1, metrics)
+  logging.info(
+      "%s epoch %d/%d: %s",
+      loop.name,
+      epoch + 1,
+      loop.epochs,
+      " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+  )
+  progress.running = RunningMetrics()
+  save_checkpoint(checkpoints, progress, loop.meta, test_top1=metrics["test_top1"])
+
+
+def save_checkpoint(
+    checkpoints: StageCheckpoints, progress: Progress, meta: dict, test_top1: float | None = None
+) -> None:
+  """Starts saving `progress` at its step: train state, history, the epoch's sums and `meta`.
+
+  `test_top1` ranks an epoch end's checkpoint among the best.
+  """
+  progress.wall_time_s = progress.trained_s + time.perf_counter() - progress.started
+  state = progress.state
+  checkpoints.save(
+      progress.step,
+      state.variables,
+      {"step": state.step, "opt_state": state.opt_state},
+      {
+          **meta,
+          "history": progress.history,
+          "wall_time_s": progress.wall_time_s,
+          "epoch_sums": progress.running.sums,
+          "epoch_count": progress.running.count,
+      },
+      test_top1=test_top1,
+  )
+
+
+def _interrupted(loop, progress, checkpoints, signum: int, saved: bool = True) -> Interrupted:
+  """The error that ends a stage stopped by `signum`, once its progress is saved."""
+  if not saved:
+    progress.running.flush()
+    save_checkpoint(checkpoints, progress, loop.meta)
+  return Interrupted(
+      f"{loop.name}: stopped by signal {signum} at step {progress.step}; checkpoint saved in "
+      f"{checkpoints.directory}; run the same command again to resume",
+      signum,
+  )

@@ -110,16 +110,20 @@ def test_killed_and_preempted_run_ends_bit_identical(quickstart_run, tmp_path):
   _assert_same_run(workdir, reference, reference_report)
 
 
+def _copy_with_teacher_only(reference: str, workdir):
+  """A copy of a finished workdir whose teacher stays finished; the student and baseline start over."""
+  shutil.copytree(reference, workdir)
+  for stage in ("student", "baseline"):
+    shutil.rmtree(workdir / stage)
+  os.remove(workdir / "report.json")
+  return workdir
+
+
 def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_evaluation(
     quickstart_run, tmp_path, monkeypatch
 ):
   reference, reference_report = quickstart_run
-  workdir = tmp_path / "work"
-  shutil.copytree(reference, workdir)
-  # The teacher stays finished; the student and the baseline start over.
-  for stage in ("student", "baseline"):
-    shutil.rmtree(workdir / stage)
-  os.remove(workdir / "report.json")
+  workdir = _copy_with_teacher_only(reference, tmp_path / "work")
   config = small_config()
   steps_per_epoch = reference_report["dataset"]["num_train"] // config.student.batch_size
   make_train_step = train.make_train_step
@@ -142,6 +146,38 @@ def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_evaluation(
   monkeypatch.undo()
 
   pipeline.train_and_evaluate(config, str(workdir))
+  _assert_same_run(str(workdir), reference, reference_report)
+
+
+def test_an_error_in_a_step_leaves_whole_checkpoints_and_the_rerun_resumes(
+    quickstart_run, tmp_path, monkeypatch, caplog
+):
+  reference, reference_report = quickstart_run
+  workdir = _copy_with_teacher_only(reference, tmp_path / "work")
+  config = small_config()
+  saved = config.checkpoint.every_steps
+  make_train_step = train.make_train_step
+
+  def failing_right_after_a_save(*args, **kwargs):
+    train_step = make_train_step(*args, **kwargs)
+
+    def step(state, batch, teacher_variables):
+      if int(state.step) == saved:  # the checkpoint of this step is being written
+        raise RuntimeError("out of host memory")
+      return train_step(state, batch, teacher_variables)
+
+    return step
+
+  monkeypatch.setattr(train, "make_train_step", failing_right_after_a_save)
+  with pytest.raises(RuntimeError, match="out of host memory"):
+    pipeline.train_and_evaluate(config, str(workdir))
+  # The pending save finished before the error left the stage: whole, nothing temporary.
+  assert _steps(str(workdir), "student") == [saved]
+  assert not [n for n in os.listdir(workdir / "student" / "checkpoints") if "tmp" in n]
+  monkeypatch.undo()
+
+  pipeline.train_and_evaluate(config, str(workdir))
+  assert f"student: resuming at step {saved}" in caplog.text
   _assert_same_run(str(workdir), reference, reference_report)
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, small_config, small_config_flags
-from kd_jax import data, parallel, pipeline, streaming
+from kd_jax import data, parallel, pipeline
+from kd_jax.data import streaming
 
 pytestmark = pytest.mark.slow  # multi-device and multi-process runs
 
@@ -93,9 +94,9 @@ import jax, numpy as np
 from jax.sharding import Mesh
 from configs import default
 from kd_jax import methods, optim, parallel, train
-from kd_jax.data import Dataset
-from kd_jax.data.augment import get_augmentation
+from kd_jax.data import Dataset, in_memory, placement
 from kd_jax.network import create_network
+from kd_jax.teachers import OnlineTeacher
 
 rng = np.random.default_rng(0)
 dataset = Dataset(
@@ -107,27 +108,27 @@ config = default.get_config()
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
   mesh = Mesh(np.array(devices), (parallel.DATA_AXIS,))
-  data = train.put_on_device(dataset, mesh)
+  data = in_memory.put_on_device(dataset, mesh, "crop_flip")
   shapes = dict(num_classes=10, in_channels=1, seed=0)
   student, variables = create_network("dsconv_student", width_multiplier=0.25, **shapes)
   teacher, teacher_variables = create_network("resnet8", **shapes)
+  teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
   # SGD: its update is linear in the gradient, where Adam's first step is about
   # lr * sign(g), which float noise flips for gradients near zero.
   optimizer = optim.make_optimizer(
       default.optimizer_config(name="sgd"), steps_per_epoch=2, epochs=1, batch_size=16
   )
   step = train.make_train_step(
-      student, optimizer, data, augmentation=get_augmentation("crop_flip"), seed=0, mesh=mesh,
-      teacher=teacher, objective=methods.make_objective(config.distill, 2, 1),
+      student, optimizer, data, seed=0, mesh=mesh, teacher=OnlineTeacher(teacher, teacher_variables),
+      objective=methods.make_objective(config.distill, 2, 1),
   )
   state = jax.device_put(
       train.TrainState(np.int32(0), variables, optimizer.init(variables.params)),
       parallel.replicated(mesh),
   )
-  teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))
-  gather = train.make_gather(mesh)
+  gather = placement.make_gather(mesh)
   losses = []
-  for indices in list(train.epoch_indices(0, 0, data.num_train, 16))[:2]:
+  for indices in list(placement.epoch_indices(0, 0, data.num_train, 16))[:2]:
     batch = gather({"image": data.train_images, "label": data.train_labels}, indices)
     state, metrics = step(state, batch, teacher_variables)
     losses.append(float(metrics["loss"]))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from kd_jax import data, parallel, pipeline, streaming, train
+from kd_jax import data, parallel, pipeline
+from kd_jax.data import in_memory, placement, streaming
 from kd_jax.data import augment
 from kd_jax.errors import UserInputError
 
@@ -39,6 +40,38 @@ def smooth_tree(tmp_path_factory):
   return root
 
 
+def _photo(rng, label: int, height: int, width: int) -> np.ndarray:
+  """A small photo-like BGR image: a shaded, textured background and a few soft shapes whose
+  colours lean towards the class's."""
+  y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+  light = rng.uniform(60, 180, 3) + rng.uniform(-2, 2, 3) * (x + y)[..., None]
+  texture = 25 * np.sin(x * rng.uniform(0.3, 1.5) + y * rng.uniform(0.3, 1.5))[..., None]
+  image = light + texture + rng.normal(0, 10, (height, width, 3))
+  tint = np.roll([200.0, 60.0, 60.0], label)
+  for _ in range(3):
+    centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+    axes = (int(rng.integers(2, width // 2)), int(rng.integers(2, height // 2)))
+    colour = np.clip(tint + rng.normal(0, 30, 3), 0, 255).tolist()
+    cv2.ellipse(image, centre, axes, float(rng.uniform(0, 180)), 0, 360, colour, -1)
+  return np.clip(cv2.GaussianBlur(image, (3, 3), 0.8), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def photo_tree(tmp_path_factory):
+  """Like a slice of CIFAR-10: 3 classes x 12 training and 4 test JPEGs of photo-like content,
+  32 x 32 but for a few 48 x 40 ones, which loading resizes to the most common size."""
+  root = tmp_path_factory.mktemp("photos")
+  rng = np.random.default_rng(1)
+  for split, count in (("train", 12), ("test", 4)):
+    for label in range(3):
+      os.makedirs(root / split / f"class{label}")
+      for i in range(count):
+        height, width = (48, 40) if i % 6 == 5 else (32, 32)
+        path = str(root / split / f"class{label}" / f"{i:04d}.jpg")
+        assert cv2.imwrite(path, _photo(rng, label, height, width), [cv2.IMWRITE_JPEG_QUALITY, 90])
+  return root
+
+
 def _data_config(root, **fields):
   return ml_collections.ConfigDict(
       {
@@ -55,43 +88,50 @@ def _data_config(root, **fields):
   )
 
 
-@pytest.mark.parametrize("kind", ["crop_flip", "resized_crop_flip"])
-def test_streamed_batches_are_the_in_memory_batches(smooth_tree, kind):
-  config = _data_config(smooth_tree, augment=kind)
+def _pixels(training_data, view_BxHxWxC) -> np.ndarray:
+  """A normalised view back on the 0..255 scale, rounded."""
+  return np.round((np.asarray(view_BxHxWxC) * training_data.std_C + training_data.mean_C) * 255)
+
+
+@pytest.mark.parametrize(
+    "kind, tree, image_size",
+    [("crop_flip", "photo_tree", 0), ("resized_crop_flip", "smooth_tree", SIZE)],
+)
+def test_streamed_batches_are_the_in_memory_batches(request, kind, tree, image_size):
+  config = _data_config(request.getfixturevalue(tree), augment=kind, image_size=image_size)
   mesh = parallel.make_mesh()
-  in_memory = train.put_on_device(data.load_dataset(config), mesh)
+  held_data = in_memory.put_on_device(data.load_dataset(config), mesh, kind)
   streamed = streaming.StreamedData(data.open_dataset(config), mesh, config)
   # Every image sampled: the statistics are the in-memory ones, to the bit.
-  np.testing.assert_array_equal(streamed.mean_C, in_memory.mean_C)
-  np.testing.assert_array_equal(streamed.std_C, in_memory.std_C)
+  np.testing.assert_array_equal(streamed.mean_C, held_data.mean_C)
+  np.testing.assert_array_equal(streamed.std_C, held_data.std_C)
   seed, batch_size = 3, 8
-  steps = in_memory.steps_per_epoch(batch_size)
+  steps = held_data.steps_per_epoch(batch_size)
   assert streamed.steps_per_epoch(batch_size) == steps == 36 // batch_size
-  on_device = in_memory.step_augmentation(kind)
   for epoch, start in ((0, 0), (1, 2)):  # a whole epoch, and one entered mid-way
     pairs = zip(
-        in_memory.train_batches(seed, epoch, start, batch_size),
+        held_data.train_batches(seed, epoch, start, batch_size),
         streamed.train_batches(seed, epoch, start, batch_size),
         strict=True,
     )
     for position, (held, read) in enumerate(pairs, start):
       np.testing.assert_array_equal(read["label"], held["label"])
-      # The in-memory step augments on the device; the stream did it on the host.
-      expected = np.asarray(
-          on_device(augment.step_key(seed, epoch * steps + position), held["image"])
-      )
-      got = np.asarray(streamed.step_augmentation(kind)(None, read["image"]))
+      # What the student sees: augmented in the step (in memory) or on the host (streamed).
+      step = epoch * steps + position
+      expected = held_data.student_view(seed, step, held["image"])
+      got = streamed.student_view(seed, step, read["image"])
       if kind == "crop_flip":
         np.testing.assert_array_equal(got, expected)
       else:
+        got, expected = _pixels(streamed, got), _pixels(held_data, expected)
         # Same boxes and flips; the host crops the full-size image with OpenCV.
         assert np.abs(got - expected).mean() < 6, position
-        flipped = np.sign(got[:, 0, -1, 0] - got[:, 0, 0, 0].astype(float))
+        flipped = np.sign(got[:, 0, -1, 0] - got[:, 0, 0, 0])
         assert (flipped == np.sign(expected[:, 0, -1, 0] - expected[:, 0, 0, 0])).mean() > 0.7
 
   forward = jax.jit(lambda variables, x: x.reshape(x.shape[0], -1).astype(jnp.float32))
   for split in ("train", "test"):
-    held_logits, held_labels = in_memory.predict(forward, None, split, 16)
+    held_logits, held_labels = held_data.predict(forward, None, split, 16)
     read_logits, read_labels = streamed.predict(forward, None, split, 16)
     np.testing.assert_array_equal(read_labels, held_labels)
     np.testing.assert_array_equal(read_logits, held_logits)
@@ -99,7 +139,7 @@ def test_streamed_batches_are_the_in_memory_batches(smooth_tree, kind):
 
 def test_stream_order_splits_processes_and_matches_one_process():
   np.testing.assert_array_equal(
-      streaming.stream_order(5, 2, np.array([50]), 0, 8), train.epoch_indices(5, 2, 50, 8)
+      streaming.stream_order(5, 2, np.array([50]), 0, 8), placement.epoch_indices(5, 2, 50, 8)
   )
   counts = np.array([13, 12, 12])
   parts = [streaming.stream_order(5, 2, counts, p, 6) for p in range(3)]
@@ -114,7 +154,7 @@ def _run_config(root, in_memory, **overrides):
       **{
           "data.source": "folder",
           "data.dir": str(root),
-          "data.image_size": SIZE,
+          "data.image_size": 0,
           "data.augment": "crop_flip",
           "data.in_memory": in_memory,
           "teacher.epochs": 1,
@@ -136,16 +176,17 @@ def _history(workdir, stage):
 
 
 @pytest.mark.slow
-def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(smooth_tree, tmp_path):
-  held = pipeline.train_and_evaluate(_run_config(smooth_tree, "true"), str(tmp_path / "m"))
-  # The streamed run distils the same teacher (restored, to save its training).
-  teacher = {"teacher.checkpoint": str(tmp_path / "m" / "teacher")}
-  streamed_config = _run_config(smooth_tree, "false", **teacher)
+def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(photo_tree, tmp_path):
+  held = pipeline.train_and_evaluate(_run_config(photo_tree, "true"), str(tmp_path / "m"))
+  streamed_config = _run_config(photo_tree, "false")
   streamed = pipeline.train_and_evaluate(streamed_config, str(tmp_path / "s"))
-  assert streamed["student"]["top1"] == held["student"]["top1"]
-  pairs = zip(_history(tmp_path / "s", "student"), _history(tmp_path / "m", "student"), strict=True)
-  for a, b in pairs:
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+  # Teacher and student, epoch by epoch, from the first: the same training.
+  for stage in ("teacher", "student"):
+    assert streamed[stage]["top1"] == held[stage]["top1"]
+    pairs = zip(_history(tmp_path / "s", stage), _history(tmp_path / "m", stage), strict=True)
+    for a, b in pairs:
+      assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+      assert a["test_top1"] == b["test_top1"]
 
   # Interrupted after step 6 of the student's 8 (mid-way through its second
   # epoch): only what was written up to there remains. The rerun resumes there.

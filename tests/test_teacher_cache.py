@@ -5,12 +5,13 @@ import os
 import shutil
 
 import cv2
+import jax
 import numpy as np
 import pytest
 
 from conftest import small_config
-from kd_jax import pipeline, teacher_cache
-from kd_jax.data import Dataset
+from kd_jax import checkpoint, data, pipeline, teacher_cache
+from kd_jax.data import Dataset, augment, placement
 from kd_jax.errors import UserInputError
 from kd_jax.network import create_network
 
@@ -190,6 +191,37 @@ def test_consistent_views_match_online_distillation_with_augmentation(quickstart
   assert np.load(os.path.join(folder, "epoch_0000.logits.npy")).shape == (1437 // 64, 64, 10)
   again = pipeline.train_and_evaluate(config("offline"), str(tmp_path / "again"))
   assert again["teacher_logits"]["folder"] == folder
+
+
+def test_each_seeds_student_has_the_logits_of_its_own_views(quickstart_run, tmp_path):
+  teacher_run = tmp_path / "teacher_run"
+  shutil.copytree(os.path.join(quickstart_run[0], "teacher"), teacher_run / "teacher")
+  config = _offline_config(teacher_run, **{"student.epochs": 1, "seeds": 2})
+  config.data.augment = "crop_flip"
+  config.distill.cache = "consistent"
+  pipeline.train_and_evaluate(config, str(tmp_path / "run"))
+
+  # The teacher's logits of the views the seed-1 student sees in its epoch, made
+  # here from the pieces: that seed's batch order, its crops and flips, the teacher.
+  seed, batch_size = config.seed + 1, config.student.batch_size
+  digits = data.load_dataset(config.data)
+  mean_C, std_C = augment.normalization_stats(augment.pixel_histograms(digits.train_images))
+  teacher, variables = create_network("resnet8", num_classes=10, in_channels=1, seed=0)
+  variables, _ = checkpoint.restore_variables(
+      str(teacher_run / "teacher"), variables, lambda m: None
+  )
+  forward = jax.jit(lambda v, x: teacher.apply(v, x, train=False)[0])
+  order = placement.epoch_indices(seed, 0, len(digits.train_labels), batch_size)
+  expected = []
+  for step, indices in enumerate(order):
+    images = augment.random_crop_flip(augment.step_key(seed, step), digits.train_images[indices])
+    expected.append(forward(variables, augment.normalize(images, mean_C, std_C)))
+  expected = np.stack(jax.device_get(expected))
+
+  caches = sorted((teacher_run / teacher_cache.CACHE_DIR).glob("*/epoch_0000.logits.npy"))
+  assert len(caches) == 2  # one per seed
+  matching = [np.allclose(np.load(path), expected, rtol=1e-4, atol=1e-4) for path in caches]
+  assert sorted(matching) == [False, True]
 
 
 CLASS_COLORS = ((0, 0, 220), (0, 220, 0), (220, 0, 0))  # BGR

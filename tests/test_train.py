@@ -6,9 +6,9 @@ import pytest
 
 from configs import default
 from kd_jax import methods, optim, parallel, train
-from kd_jax.data import Dataset
-from kd_jax.data.augment import get_augmentation
+from kd_jax.data import Dataset, in_memory, placement
 from kd_jax.network import create_network
+from kd_jax.teachers import OnlineTeacher
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def setup():
       tuple(str(i) for i in range(10)),
   )
   mesh = parallel.make_mesh()
-  return dataset, mesh, train.put_on_device(dataset, mesh)
+  return dataset, mesh, in_memory.put_on_device(dataset, mesh, "crop_flip")
 
 
 def _copy(tree):
@@ -43,10 +43,9 @@ def test_distillation_step_updates_student_and_leaves_teacher_untouched(setup):
       student,
       optimizer,
       data,
-      augmentation=get_augmentation("crop_flip"),
       seed=0,
       mesh=mesh,
-      teacher=teacher,
+      teacher=OnlineTeacher(teacher, teacher_variables),
       objective=methods.make_objective(config.distill, 4, 1),
   )
   state = jax.device_put(
@@ -54,9 +53,9 @@ def test_distillation_step_updates_student_and_leaves_teacher_untouched(setup):
       parallel.replicated(mesh),
   )
   student_before, teacher_before = _copy(state.variables), _copy(teacher_variables)
-  gather = train.make_gather(mesh)
+  gather = placement.make_gather(mesh)
 
-  for indices in train.epoch_indices(0, 0, data.num_train, 16):
+  for indices in placement.epoch_indices(0, 0, data.num_train, 16):
     batch = gather({"image": data.train_images, "label": data.train_labels}, indices)
     state, metrics = step(state, batch, teacher_variables)
 
@@ -79,12 +78,12 @@ def test_distillation_step_updates_student_and_leaves_teacher_untouched(setup):
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
-  first = train.epoch_indices(3, 5, 100, 32)
+  first = placement.epoch_indices(3, 5, 100, 32)
   assert first.shape == (3, 32)
-  np.testing.assert_array_equal(first, train.epoch_indices(3, 5, 100, 32))
+  np.testing.assert_array_equal(first, placement.epoch_indices(3, 5, 100, 32))
   assert len(np.unique(first)) == 96  # no example twice in an epoch
-  assert not np.array_equal(first, train.epoch_indices(3, 6, 100, 32))
-  assert not np.array_equal(first, train.epoch_indices(4, 5, 100, 32))
+  assert not np.array_equal(first, placement.epoch_indices(3, 6, 100, 32))
+  assert not np.array_equal(first, placement.epoch_indices(4, 5, 100, 32))
 
 
 def _metrics(loss, accuracy):

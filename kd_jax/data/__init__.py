@@ -14,7 +14,7 @@ one process's share of each split in a multi-host run.
   tfds_data_dir: optional TFDS data directory; unset means the TFDS default
     ($TFDS_DATA_DIR or ~/tensorflow_datasets).
   in_memory: 'true' (decode everything up front), 'false' (stream: see
-    kd_jax/streaming.py) or 'auto': stream when the decoded images of this
+    kd_jax/data/streaming.py) or 'auto': stream when the decoded images of this
     process's share would take more than memory_budget_gb.
 
 `open_dataset` opens the same sources for streaming instead: nothing is

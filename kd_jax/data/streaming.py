@@ -8,7 +8,7 @@ devices, with `data.prefetch` batches in flight there, so the devices never
 wait on the host while it keeps up.
 
 The same data in the same order as in memory: each step's examples are
-`train.epoch_indices(seed, epoch)` and its augmentation decisions are those
+`placement.epoch_indices(seed, epoch)` and its augmentation decisions are those
 the in-memory train step draws from (seed, step) (`augment.draws_on_host`),
 so on one process a streamed run sees what an in-memory run sees. For
 crop_flip and none the pixels are equal too; resized_crop_flip crops the
@@ -23,7 +23,7 @@ stream at its step and goes on exactly as if never stopped.
 """
 
 import os
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grain
 import jax
@@ -34,8 +34,7 @@ from kd_jax import parallel
 from kd_jax.data import StreamedDataset, resize
 from kd_jax.data import augment as augment_lib
 from kd_jax.errors import UserInputError
-from kd_jax.network import Variables
-from kd_jax.train import RowLayout, epoch_indices
+from kd_jax.data.placement import RowLayout, epoch_indices
 
 
 def stream_order(
@@ -43,7 +42,7 @@ def stream_order(
 ) -> np.ndarray:
   """This process's examples of each step of `epoch`, steps x (batch_size / processes), by local index.
 
-  One process: `train.epoch_indices`, the in-memory order. Several: each
+  One process: `placement.epoch_indices`, the in-memory order. Several: each
   shuffles its own share, with as many steps as the smallest share allows.
   """
   if len(counts_P) == 1:
@@ -55,9 +54,11 @@ def stream_order(
 
 
 class StreamedData:
-  """The training and test splits streamed from their sources, in the interface of `train.DeviceData`.
+  """The training and test splits streamed from their sources (`TrainingData`).
 
-  Normalisation statistics come from the pixel histograms of up to
+  The augmentation (data.augment's) is applied on the host, as each batch is
+  made, with the decisions the in-memory step would draw on the device; the
+  step only normalises (`student_view`). Normalisation statistics come from the pixel histograms of up to
   data.stats_images training images spread evenly over the split (all of
   them, and so the in-memory statistics exactly, for smaller splits).
   """
@@ -65,7 +66,7 @@ class StreamedData:
   def __init__(self, dataset: StreamedDataset, mesh, data_config):
     self._dataset, self._mesh = dataset, mesh
     self._augment = data_config.augment
-    augment_lib.get_augmentation(self._augment)  # a clear error for an unknown name, now
+    self.augmentation = augment_lib.get_augmentation(self._augment)
     self._threads = int(data_config.get("workers", 0)) or os.cpu_count() or 1
     self._prefetch = int(data_config.get("prefetch", 2))
     if self._prefetch < 1:
@@ -89,10 +90,10 @@ class StreamedData:
     processes = len(self._train_counts)
     return int(self._train_counts.min()) // (batch_size // processes)
 
-  def step_augmentation(self, kind: str) -> augment_lib.Augmentation:
-    """What the train step still has to do to a batch: nothing, the host augmented it."""
-    del kind
-    return augment_lib.AUGMENTATIONS["none"]
+  def student_view(self, seed: int, step: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
+    """The batch normalised: `train_batches` augmented it on the host with (seed, step)'s draws."""
+    del seed, step
+    return augment_lib.normalize(images_BxHxWxC, self.mean_C, self.std_C)
 
   def put_per_example(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's rows of per-example arrays given for every example (one-process order)."""
@@ -106,7 +107,6 @@ class StreamedData:
     process, processes = jax.process_index(), jax.process_count()
     order_SxB = stream_order(seed, epoch, self._train_counts, process, batch_size)
     steps, local_batch = order_SxB.shape
-    augmentation = augment_lib.get_augmentation(self._augment)
     height = self.image_shape[0]
 
     def make_batch(position: int) -> dict:
@@ -120,7 +120,7 @@ class StreamedData:
       for j, index in enumerate(indices_B):
         image, label = self._dataset.train[int(index)]
         images.append(
-            augmentation.apply_host(image, {name: d[j] for name, d in draws.items()}, height)
+            self.augmentation.apply_host(image, {name: d[j] for name, d in draws.items()}, height)
         )
         labels.append(label)
       batch = {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
@@ -131,7 +131,7 @@ class StreamedData:
     return self._stream(range(start, steps), make_batch, ("image", "label", "teacher_logits"))
 
   def predict(
-      self, forward: Callable, variables: Variables, split: str, batch_size: int
+      self, forward: Callable, variables: Any, split: str, batch_size: int
   ) -> tuple[np.ndarray, np.ndarray]:
     """(logits, labels) of every example of `split` ('train' or 'test'), unaugmented, in one-process order.
 
@@ -172,7 +172,7 @@ class StreamedData:
         .reshape(len(counts_P), num_batches * local_batch, -1)
     )
     logits = np.concatenate([logits_PxNxC[p, :count] for p, count in enumerate(counts_P)])
-    labels = layout.gather_all(np.concatenate(labels)[: len(source)])[layout.rows]
+    labels = layout.every_example(np.concatenate(labels)[: len(source)])
     return logits, labels
 
   def _stream(self, positions: range, make_batch: Callable, on_device: tuple) -> Iterator[dict]:
