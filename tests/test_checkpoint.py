@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -176,6 +177,7 @@ def test_an_error_in_a_step_leaves_whole_checkpoints_and_the_rerun_resumes(
   assert not [n for n in os.listdir(workdir / "student" / "checkpoints") if "tmp" in n]
   monkeypatch.undo()
 
+  caplog.set_level(logging.INFO, logger="absl")
   pipeline.train_and_evaluate(config, str(workdir))
   assert f"student: resuming at step {saved}" in caplog.text
   _assert_same_run(str(workdir), reference, reference_report)
