@@ -23,13 +23,14 @@ from kd_jax import (
     parallel,
     plots,
     predict,
+    pretrained,
     report,
     streaming,
     teacher_cache,
     train,
 )
 from kd_jax.errors import UserInputError
-from kd_jax.network import Network, Variables, create_network, resolve_compute_dtype
+from kd_jax.network import Network, Variables, resolve_compute_dtype
 
 CONFIG_FILE = "config.json"
 
@@ -55,23 +56,29 @@ def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
         )
         if value != wanted
     ]
-    if config.teacher.checkpoint:
-      conflicts.append(f"teacher.checkpoint={config.teacher.checkpoint!r}")
+    for field in ("checkpoint", "weights"):
+      if config.teacher[field]:
+        conflicts.append(f"teacher.{field}={config.teacher[field]!r}")
     if conflicts:
       raise UserInputError(
           "data.teacher_logits_dir gives the teacher's logits, so kd_jax runs no teacher: "
-          f"set distill.mode=offline and distill.cache=plain and no teacher.checkpoint "
+          f"set distill.mode=offline and distill.cache=plain and no teacher.checkpoint or weights "
           f"(now {', '.join(conflicts)})"
       )
   if config.seeds < 1:
     raise UserInputError(f"seeds={config.seeds} must be at least 1")
   for stage in ("teacher", "student"):
-    if config[stage].model not in models.model_names():
-      raise UserInputError(
-          f"unknown {stage}.model {config[stage].model!r}; known models: "
-          f"{', '.join(models.model_names())}"
-      )
+    models.resolve(config[stage].model)
+    pretrained.check_settings(stage, config[stage])
     parallel.check_batch_size(config[stage].batch_size, f"{stage}.batch_size", mesh)
+  teacher = config.teacher
+  if teacher.epochs == 0 and not (
+      teacher.weights or teacher.checkpoint or config.data.teacher_logits_dir
+  ):
+    raise UserInputError(
+        "teacher.epochs=0 uses the teacher as it is: give its weights (teacher.weights or "
+        "teacher.checkpoint), or train it for some epochs"
+    )
   parallel.check_batch_size(config.eval.batch_size, "eval.batch_size", mesh)
 
 
@@ -184,7 +191,13 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, m
   root = teacher_cache.cache_root(workdir, config.teacher.checkpoint)
   if distill.cache == "plain":
     key = teacher_cache.fingerprint(
-        variables, dataset.digest(), distill.cache_dtype, "plain", distill.cache_top_k
+        variables,
+        dataset.digest(),
+        distill.cache_dtype,
+        "plain",
+        distill.cache_top_k,
+        device_data.mean_C.tolist(),
+        device_data.std_C.tolist(),
     )
     forward = evaluate.jit_forward(teacher, device_data.mean_C, device_data.std_C, mesh)
     stored, folder = teacher_cache.load_or_compute(
@@ -213,6 +226,8 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, m
       student.batch_size,
       student.epochs,
       distill.cache_top_k,
+      device_data.mean_C.tolist(),
+      device_data.std_C.tolist(),
   )
 
   def view_logits(images_BxHxWxC, step):
@@ -241,8 +256,17 @@ def _teacher_logits(config, workdir, dataset, device_data, teacher, variables, m
 
 
 def _teacher_stage(config, workdir, dataset, network_kwargs, stage_kwargs):
-  """The teacher network and its trained state: restored from teacher.checkpoint, or trained."""
-  teacher, variables = create_network(config.teacher.model, seed=config.seed, **network_kwargs)
+  """The teacher network and its trained state: restored from teacher.checkpoint, or trained.
+
+  With teacher.epochs=0, its weights (teacher.weights) are used as they are.
+  """
+  teacher, variables = pretrained.create_network(
+      "teacher", config.teacher, seed=config.seed, **network_kwargs
+  )
+  if config.teacher.epochs == 0 and not config.teacher.checkpoint:
+    variables = jax.device_put(variables, parallel.replicated(stage_kwargs["mesh"]))
+    settings = {"devices": stage_kwargs["mesh"].size, "compute_dtype": teacher.compute_dtype}
+    return teacher, train.StageResult(variables, [], 0.0, settings)
   if not config.teacher.checkpoint:
     return teacher, train.train_stage(
         "teacher",
@@ -316,6 +340,10 @@ def train_and_evaluate(
         f"the processes' shares of the images differ in size ({', '.join(map(str, shapes))}); "
         "set data.image_size"
     )
+  for stage in ("student",) if config.data.teacher_logits_dir else ("teacher", "student"):
+    pretrained.check_stage(
+        stage, config[stage], num_classes=dataset.num_classes, image_shape=dataset.image_shape
+    )
   logging.info(
       "devices: %d x %s; global batch teacher %d, student %d (per device %d, %d)",
       mesh.size,
@@ -328,7 +356,7 @@ def train_and_evaluate(
   if streamed:
     device_data = streaming.StreamedData(dataset, mesh, config.data)
   else:
-    device_data = train.put_on_device(dataset, mesh)
+    device_data = train.put_on_device(dataset, mesh, config.data)
   network_kwargs = dict(
       num_classes=dataset.num_classes,
       in_channels=dataset.image_shape[-1],
@@ -356,11 +384,8 @@ def train_and_evaluate(
   def train_student(name: str, distilled: bool, seed: int) -> tuple[Network, train.StageResult]:
     # A fresh network each time: the same seed gives the baseline the very same
     # initial weights, and the first stage's arrays are donated to its steps.
-    student, variables = create_network(
-        config.student.model,
-        width_multiplier=config.student.width_multiplier,
-        seed=seed,
-        **network_kwargs,
+    student, variables = pretrained.create_network(
+        "student", config.student, seed=seed, **network_kwargs
     )
     teacher_kwargs = {}
     if distilled and config.distill.mode == "offline":
@@ -407,13 +432,15 @@ def train_and_evaluate(
   for name, (network, run) in runs.items():
     logits, entry = _summarise(network, run.variables, device_data, mesh, config)
     predictions[name] = logits.argmax(-1)
-    best = max(run.history, key=lambda epoch: epoch["test_top1"])
+    # A teacher used as it is (teacher.epochs=0) has no history: its one evaluation is the best.
+    history = run.history or [{"test_top1": entry["top1"], "epoch": 0, "epoch_time_s": 0.0}]
+    best = max(history, key=lambda epoch: epoch["test_top1"])
     results[name] = {
         **entry,
         "best_top1": best["test_top1"],
         "best_epoch": best["epoch"],
         "epochs": len(run.history),
-        "epoch_time_s": float(np.mean([epoch["epoch_time_s"] for epoch in run.history])),
+        "epoch_time_s": float(np.mean([epoch["epoch_time_s"] for epoch in history])),
         "wall_time_s": run.wall_time_s,
         "model": network.name,
         **run.settings,

@@ -148,18 +148,22 @@ class DeviceData:
     return logits, labels
 
 
-def put_on_device(dataset: Dataset, mesh) -> DeviceData:
+def put_on_device(dataset: Dataset, mesh, data_config=None) -> DeviceData:
   """Copies this process's share of the dataset to its devices once; steps gather from it.
 
-  The normalisation statistics are over the whole training split, from every
-  process's pixel histograms, so they are exact and the same everywhere.
+  The normalisation statistics are `data_config`'s data.mean and data.std if given, else over
+  the whole training split, from every process's pixel histograms, so they are
+  exact and the same everywhere.
   """
   counts_Px2 = parallel.allgather(
       np.array([[len(dataset.train_labels), len(dataset.test_labels)]], np.int64)
   )
   train, test = RowLayout(counts_Px2[:, 0]), RowLayout(counts_Px2[:, 1])
-  histograms = parallel.allgather(augment_lib.pixel_histograms(dataset.train_images)[None])
-  mean_C, std_C = augment_lib.normalization_stats(histograms.sum(axis=0))
+  stats = augment_lib.given_stats(data_config or {}, dataset.image_shape[-1])
+  if stats is None:
+    histograms = parallel.allgather(augment_lib.pixel_histograms(dataset.train_images)[None])
+    stats = augment_lib.normalization_stats(histograms.sum(axis=0))
+  mean_C, std_C = stats
   # Labels are small: every process keeps all of them.
   train_labels = train.gather_all(dataset.train_labels.astype(np.int32))
   return DeviceData(
