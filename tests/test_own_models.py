@@ -62,7 +62,8 @@ def test_bad_factory_is_one_line_before_any_training(tmp_path, monkeypatch, mode
   monkeypatch.syspath_prepend(str(tmp_path))
   workdir = tmp_path / "run"
   with pytest.raises(UserInputError, match=message) as error:
-    pipeline.train_and_evaluate(small_config(**{"student.model": model}), str(workdir))
+    config = small_config(**{"student.model": model, "student.width_multiplier": 1.0})
+    pipeline.train_and_evaluate(config, str(workdir))
   assert "\n" not in str(error.value)
   assert not (workdir / "teacher").exists()
 

@@ -99,7 +99,8 @@ def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
   """`model`'s variables under torchvision's names and layouts (the inverse of loading)."""
   targets, _ = pretrained._targets(model)
   return {
-      name: np.transpose(np.asarray(v[...]), np.argsort(axes) if axes else None)
+      # Contiguous: safetensors writes an array's buffer in memory order.
+      name: np.ascontiguousarray(np.transpose(v[...], np.argsort(axes) if axes else None))
       for name, (v, axes) in targets.items()
   }
 
@@ -188,7 +189,7 @@ def test_pretrained_teacher_as_is(image_folder, tmp_path):
       images.append(cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB))
       labels.append(label)
   x = (np.stack(images) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-  logits = logits_of(net, variables, x.astype(np.float32))
+  logits = np.asarray(logits_of(net, variables, x.astype(np.float32)))
   assert report["teacher"]["top1"] == pytest.approx(np.mean(np.argmax(logits, -1) == labels))
   assert report["teacher"]["epochs"] == 0
   assert not (workdir / "teacher").exists()  # nothing trained
