@@ -29,11 +29,16 @@ BAD_FACTORIES = textwrap.dedent(
 )
 
 
-def test_distils_into_the_example_student(tmp_path, monkeypatch):
+def test_distils_into_the_example_student(quickstart_run, tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(EXAMPLES)
   name = "my_student:make_student"
   config = small_config(
-      **{"student.model": name, "student.width_multiplier": 1.0, "baseline.enabled": False}
+      **{
+          "student.model": name,
+          "student.width_multiplier": 1.0,
+          "baseline.enabled": False,
+          "teacher.checkpoint": os.path.join(quickstart_run[0], "teacher"),  # trained already
+      }
   )
   report = pipeline.train_and_evaluate(config, str(tmp_path))
   import my_student  # pylint: disable=g-import-not-at-top  # importable only from examples/
