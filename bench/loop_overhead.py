@@ -41,7 +41,7 @@ def main():
       tuple(map(str, range(10))),
   )
   mesh = parallel.make_mesh()
-  data = in_memory.put_on_device(dataset, mesh, "none")
+  data = in_memory.put_on_device(dataset, mesh, {"augment": "none"})
   student, _ = create_network("dsconv_student", num_classes=10, in_channels=3, seed=0)
   teacher, teacher_variables = create_network("resnet20", num_classes=10, in_channels=3, seed=0)
   teacher_variables = jax.device_put(teacher_variables, parallel.replicated(mesh))

@@ -122,7 +122,7 @@ def main():
   if args.in_memory_too:
     start = time.perf_counter()
     dataset = data.load_dataset(ml_collections.ConfigDict(config))
-    held = in_memory.put_on_device(dataset, mesh, args.augment)
+    held = in_memory.put_on_device(dataset, mesh, {"augment": args.augment})
     result["load_and_put_s"] = round(time.perf_counter() - start, 1)
     result["in_memory_step_ms"], _ = step_ms(held, args, mesh)
     print(f"in-memory step: {result['in_memory_step_ms']:.1f} ms", flush=True)

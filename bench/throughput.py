@@ -172,7 +172,7 @@ def random_device_data(
   )
   teacher_logits_NxC = rng.standard_normal((count, NUM_CLASSES)).astype(np.float32)
   return (
-      in_memory.put_on_device(dataset, mesh, augment),
+      in_memory.put_on_device(dataset, mesh, {"augment": augment}),
       jax.device_put(teacher_logits_NxC, parallel.replicated(mesh)),
   )
 
@@ -259,7 +259,7 @@ def bench_pipeline(
   dataset = load_dataset(ml_collections.ConfigDict(dict(source="folder", dir=data_dir)))
   load_s = time.perf_counter() - start
   start = time.perf_counter()
-  data = in_memory.put_on_device(dataset, mesh, augment)
+  data = in_memory.put_on_device(dataset, mesh, {"augment": augment})
   jax.block_until_ready(data.train_images)
   put_s = time.perf_counter() - start
 

@@ -41,10 +41,15 @@ def get_config() -> ml_collections.ConfigDict:
       dict(
           source="tfds",  # tfds | folder | digits
           name="cifar10",  # TFDS dataset name (source=tfds)
-          dir="",  # root of an image folder with train/ and test/ (source=folder)
+          dir="",  # root of an image folder: <train_split>/ and <test_split>/ (source=folder)
           image_size=0,  # resize to this square size; 0 keeps the data's own
-          train_split="train",
-          test_split="test",
+          train_split="train",  # TFDS split, or (source=folder) the training folder...
+          test_split="test",  # ...and the test folder's (ImageNet's: val)
+          # per-channel normalisation on the 0..1 scale, e.g. ImageNet's (0.485, 0.456, 0.406)
+          # and (0.229, 0.224, 0.225) for pretrained weights; () computes them from the
+          # training split
+          mean=(),
+          std=(),
           download=True,  # may TFDS download the dataset if it is not prepared?
           tfds_data_dir="",  # where TFDS keeps prepared data; "" is its default
           augment="crop_flip",  # crop_flip (pad-4 crop + flip) | resized_crop_flip (ImageNet) | none
@@ -67,8 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.teacher = ml_collections.ConfigDict(
       dict(
-          model="resnet20",
+          model="resnet20",  # a registered name, or your factory: "package.module:function"
           checkpoint="",  # a kd_jax stage folder to restore the teacher from, not train it
+          # a safetensors file of a torchvision state dict (resnet18/34/50, mobilenet_v2) to
+          # start from; with epochs=0 the teacher is used as it is
+          weights="",
           epochs=10,
           batch_size=64,
           optimizer=optimizer_config(),
@@ -77,8 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.student = ml_collections.ConfigDict(
       dict(
-          model="dsconv_student",
+          model="dsconv_student",  # as teacher.model
           width_multiplier=1.0,
+          weights="",  # a safetensors file of a torchvision state dict to start from
           epochs=10,
           batch_size=64,
           optimizer=optimizer_config(),

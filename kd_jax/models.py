@@ -10,6 +10,7 @@ switch back.
 """
 
 import functools
+import importlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -163,6 +164,7 @@ class ImageNetResNet(nnx.Module):
       num_classes: int,
       in_channels: int,
       rngs: nnx.Rngs,
+      widths: Sequence[int] = (64, 64, 128, 256, 512),
   ):
     """Creates the network.
 
@@ -172,20 +174,25 @@ class ImageNetResNet(nnx.Module):
       num_classes: number of output logits.
       in_channels: number of input image channels.
       rngs: random key source for the parameter inits.
+      widths: channels of the stem and of the four stages (a Bottleneck stage
+        outputs 4x its width); torchvision's by default.
     """
+    stem_width, *stage_widths = widths
+    # Kept to name the blocks as torchvision does (layer<stage>.<block>), see kd_jax.pretrained.
+    self.blocks_per_stage = tuple(blocks_per_stage)
     self.stem_conv = nnx.Conv(
         in_channels,
-        64,
+        stem_width,
         kernel_size=(7, 7),
         strides=2,
         padding=((3, 3), (3, 3)),
         use_bias=False,
         rngs=rngs,
     )
-    self.stem_bn = layers.batch_norm(64, rngs=rngs)
+    self.stem_bn = layers.batch_norm(stem_width, rngs=rngs)
     expansion = getattr(block, "expansion", 1)
-    blocks, cin = [], 64
-    for width, count, stride in zip((64, 128, 256, 512), blocks_per_stage, (1, 2, 2, 2)):
+    blocks, cin = [], stem_width
+    for width, count, stride in zip(stage_widths, blocks_per_stage, (1, 2, 2, 2), strict=True):
       for b in range(count):
         blocks.append(block(cin, width, strides=stride if b == 0 else 1, rngs=rngs))
         cin = width * expansion
@@ -213,25 +220,37 @@ _MOBILENET_V2_STAGES = (
 )
 
 
+def _make_divisible(channels: float, divisor: int = 8) -> int:
+  """torchvision's MobileNetV2 channel rounding: to a multiple of 8, at most 10% down."""
+  rounded = max(divisor, int(channels + divisor / 2) // divisor * divisor)
+  return rounded + divisor if rounded < 0.9 * channels else rounded
+
+
 class MobileNetV2(nnx.Module):
-  """torchvision's MobileNetV2 (width 1.0), an ImageNet student: inverted residuals.
+  """torchvision's MobileNetV2, an ImageNet student: inverted residuals.
 
   Same layers and parameter count as torchvision.models.mobilenet_v2 (its
   classifier's dropout left out: kd_jax's models have none).
   """
 
-  def __init__(self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs):
+  def __init__(
+      self, *, num_classes: int, in_channels: int, rngs: nnx.Rngs, width_mult: float = 1.0
+  ):
     """Creates the network.
 
     Args:
       num_classes: number of output logits.
       in_channels: number of input image channels.
       rngs: random key source for the parameter inits.
+      width_mult: torchvision's width multiplier; the registry's mobilenet_v2 has 1.0.
     """
-    self.stem_conv = layers.conv3x3(in_channels, 32, strides=2, rngs=rngs)
-    self.stem_bn = layers.batch_norm(32, rngs=rngs)
-    blocks, cin = [], 32
-    for ratio, channels, count, stride in _MOBILENET_V2_STAGES:
+    stem_width = _make_divisible(32 * width_mult)
+    head_width = _make_divisible(1280 * max(1.0, width_mult))
+    self.stem_conv = layers.conv3x3(in_channels, stem_width, strides=2, rngs=rngs)
+    self.stem_bn = layers.batch_norm(stem_width, rngs=rngs)
+    blocks, cin = [], stem_width
+    for ratio, stage_channels, count, stride in _MOBILENET_V2_STAGES:
+      channels = _make_divisible(stage_channels * width_mult)
       for b in range(count):
         blocks.append(
             layers.InvertedResidual(
@@ -240,9 +259,9 @@ class MobileNetV2(nnx.Module):
         )
         cin = channels
     self.blocks = nnx.List(blocks)
-    self.head_conv = layers.PointwiseConv(cin, 1280, rngs=rngs)
-    self.head_bn = layers.batch_norm(1280, rngs=rngs)
-    self.fc = nnx.Linear(1280, num_classes, rngs=rngs)
+    self.head_conv = layers.PointwiseConv(cin, head_width, rngs=rngs)
+    self.head_bn = layers.batch_norm(head_width, rngs=rngs)
+    self.fc = nnx.Linear(head_width, num_classes, rngs=rngs)
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the logits (B, num_classes) for images (B, H, W, C)."""
@@ -292,6 +311,40 @@ def model_names() -> list[str]:
   return sorted(_MODELS)
 
 
+def is_factory(name: str) -> bool:
+  """Whether `name` points to a user's factory ("package.module:function"), not the registry."""
+  return ":" in name
+
+
+def resolve(name: str) -> Callable[..., nnx.Module]:
+  """The constructor `name` stands for: a registered model, or a user's factory.
+
+  A factory, named "package.module:function", is imported from the user's code
+  (on sys.path, e.g. through PYTHONPATH) and called as
+  `function(num_classes=..., in_channels=..., rngs=...)`.
+
+  Raises:
+    UserInputError: for an unknown name, a module that cannot be imported or a
+      function that is not there.
+  """
+  if not is_factory(name):
+    if name not in _MODELS:
+      raise UserInputError(f'unknown model {name!r}; known models: {", ".join(model_names())}')
+    return _MODELS[name]
+  module_name, _, function_name = name.partition(":")
+  try:
+    module = importlib.import_module(module_name)
+  except Exception as e:  # the user's module may fail in any way while importing
+    raise UserInputError(
+        f"model {name!r}: cannot import {module_name!r} ({type(e).__name__}: {e}); "
+        "check the name and that its folder is on PYTHONPATH"
+    ) from None
+  factory = getattr(module, function_name, None)
+  if not callable(factory):
+    raise UserInputError(f"model {name!r}: {module_name} has no function {function_name!r}")
+  return factory
+
+
 def create_model(
     name: str,
     *,
@@ -300,10 +353,10 @@ def create_model(
     rngs: nnx.Rngs,
     width_multiplier: float = 1.0,
 ) -> nnx.Module:
-  """Builds a registered model, in training mode.
+  """Builds a registered model or a user's factory's, in training mode.
 
   Args:
-    name: one of `model_names()`.
+    name: one of `model_names()`, or "package.module:function" (see `resolve`).
     num_classes: number of output logits.
     in_channels: number of input image channels.
     rngs: random key source for the parameter inits.
@@ -314,14 +367,23 @@ def create_model(
     The model, mapping float32 images (B, H, W, C) to logits (B, num_classes).
 
   Raises:
-    UserInputError: for an unknown name, or a width_multiplier other than 1
-      for a model with fixed widths.
+    UserInputError: for a name `resolve` refuses, a factory that fails, or a
+      width_multiplier other than 1 for a model with fixed widths.
   """
-  if name not in _MODELS:
-    raise UserInputError(f'unknown model {name!r}; known models: {", ".join(model_names())}')
+  constructor = resolve(name)
   check_width_multiplier(name, width_multiplier)
   kwargs = {"width_multiplier": width_multiplier} if name in _SCALABLE else {}
-  return _MODELS[name](num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
+  if not is_factory(name):
+    return constructor(num_classes=num_classes, in_channels=in_channels, rngs=rngs, **kwargs)
+  try:
+    model = constructor(num_classes=num_classes, in_channels=in_channels, rngs=rngs)
+  except Exception as e:  # the user's code may fail in any way
+    raise UserInputError(f"model {name!r}: the factory failed: {type(e).__name__}: {e}") from None
+  if not isinstance(model, nnx.Module):
+    raise UserInputError(
+        f"model {name!r}: the factory returned a {type(model).__name__}, not a flax.nnx.Module"
+    )
+  return model
 
 
 def check_width_multiplier(name: str, width_multiplier: float) -> None:
@@ -330,6 +392,38 @@ def check_width_multiplier(name: str, width_multiplier: float) -> None:
     raise UserInputError(
         f"model {name!r} has fixed widths; width_multiplier="
         f'{width_multiplier} applies only to: {", ".join(sorted(_SCALABLE))}'
+    )
+
+
+def check_output(name: str, *, num_classes: int, image_shape: Sequence[int]) -> None:
+  """Checks, without computing anything, that model `name` maps images to (batch, num_classes).
+
+  Raises:
+    UserInputError: if it cannot be built, fails on a batch of `image_shape`
+      images, or returns another shape.
+  """
+  batch = 2
+
+  def logits_shape():
+    model = create_model(
+        name, num_classes=num_classes, in_channels=image_shape[-1], rngs=nnx.Rngs(0)
+    )
+    model.eval()
+    return model(jax.numpy.zeros((batch, *image_shape), jax.numpy.float32))
+
+  try:
+    out = jax.eval_shape(logits_shape)
+  except UserInputError:
+    raise
+  except Exception as e:  # the user's model may fail in any way
+    raise UserInputError(
+        f"model {name!r} fails on a batch of {tuple(image_shape)} images: {type(e).__name__}: {e}"
+    ) from None
+  if getattr(out, "shape", None) != (batch, num_classes):
+    raise UserInputError(
+        f"model {name!r} returns {getattr(out, 'shape', type(out).__name__)} for a batch of "
+        f"{batch} images; it must return logits of shape (batch, num_classes) = "
+        f"({batch}, {num_classes})"
     )
 
 

@@ -65,12 +65,7 @@ def create_network(
     width_multiplier: float = 1.0,
     compute_dtype: str = "float32",
 ) -> tuple[Network, Variables]:
-  """Builds a registered model, initialised from `seed`, split for jit.
-
-  With `compute_dtype` bfloat16, layers compute in bfloat16 while parameters
-  and batch statistics stay float32 (mixed precision: the optimizer updates
-  float32 master weights, and batch-norm statistics reduce in float32).
-  """
+  """Builds a registered model (or a user's factory's), initialised from `seed`, split for jit."""
   model = models.create_model(
       model_name,
       num_classes=num_classes,
@@ -78,6 +73,18 @@ def create_network(
       rngs=nnx.Rngs(seed),
       width_multiplier=width_multiplier,
   )
+  return split_model(model_name, model, compute_dtype)
+
+
+def split_model(
+    name: str, model: nnx.Module, compute_dtype: str = "float32"
+) -> tuple[Network, Variables]:
+  """A built model as a Network named `name` and its Variables.
+
+  With `compute_dtype` bfloat16, layers compute in bfloat16 while parameters
+  and batch statistics stay float32 (mixed precision: the optimizer updates
+  float32 master weights, and batch-norm statistics reduce in float32).
+  """
   for _, module in nnx.iter_modules(model):
     if isinstance(module, (nnx.Conv, nnx.Linear, nnx.BatchNorm)):
       module.dtype = jnp.dtype(compute_dtype)
@@ -85,4 +92,4 @@ def create_network(
   eval_graph, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.train()
   train_graph, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  return Network(model_name, train_graph, eval_graph, compute_dtype), Variables(params, batch_stats)
+  return Network(name, train_graph, eval_graph, compute_dtype), Variables(params, batch_stats)

@@ -24,6 +24,7 @@ from kd_jax import (
     parallel,
     plots,
     predict,
+    pretrained,
     report,
     settings,
     teacher_cache,
@@ -33,7 +34,7 @@ from kd_jax import (
 from kd_jax.data import in_memory, streaming
 from kd_jax.data.placement import TrainingData
 from kd_jax.errors import UserInputError
-from kd_jax.network import Network, Variables, create_network, resolve_compute_dtype
+from kd_jax.network import Network, Variables, resolve_compute_dtype
 
 CONFIG_FILE = "config.json"
 
@@ -109,15 +110,18 @@ class _Run:
   data: TrainingData
   may_train: bool
 
-  def network(self, model: str, seed: int, **kwargs) -> tuple[Network, Variables]:
-    """A fresh network of `model` for this data, initialised from `seed`."""
-    return create_network(
-        model,
+  def network(self, stage: str, seed: int) -> tuple[Network, Variables]:
+    """A fresh network of `stage` ("teacher" or "student") for this data, from `seed`.
+
+    Initialised from the stage's weights file if it names one.
+    """
+    return pretrained.create_network(
+        stage,
+        self.config[stage],
+        seed=seed,
         num_classes=self.dataset.num_classes,
         in_channels=self.dataset.image_shape[-1],
         compute_dtype=resolve_compute_dtype(self.config.compute_dtype),
-        seed=seed,
-        **kwargs,
     )
 
   def train(self, stage: train.Stage) -> train.StageResult:
@@ -184,6 +188,10 @@ def _load_data(config, mesh) -> tuple[data.Dataset | data.StreamedDataset, Train
         f"the processes' shares of the images differ in size ({', '.join(map(str, shapes))}); "
         "set data.image_size"
     )
+  for stage in ("student",) if config.data.teacher_logits_dir else ("teacher", "student"):
+    pretrained.check_stage(
+        stage, config[stage], num_classes=dataset.num_classes, image_shape=dataset.image_shape
+    )
   logging.info(
       "devices: %d x %s; global batch teacher %d, student %d (per device %d, %d)",
       mesh.size,
@@ -195,13 +203,20 @@ def _load_data(config, mesh) -> tuple[data.Dataset | data.StreamedDataset, Train
   )
   if streamed:
     return dataset, streaming.StreamedData(dataset, mesh, config.data)
-  return dataset, in_memory.put_on_device(dataset, mesh, config.data.augment)
+  return dataset, in_memory.put_on_device(dataset, mesh, config.data)
 
 
 def _teacher_stage(run: _Run) -> tuple[Network, train.StageResult]:
-  """The teacher network and its trained state: restored from teacher.checkpoint, or trained."""
+  """The teacher network and its trained state: restored from teacher.checkpoint, or trained.
+
+  With teacher.epochs=0, its weights (teacher.weights) are used as they are.
+  """
   config = run.config
-  teacher, variables = run.network(config.teacher.model, config.seed)
+  teacher, variables = run.network("teacher", config.seed)
+  if config.teacher.epochs == 0 and not config.teacher.checkpoint:
+    variables = jax.device_put(variables, parallel.replicated(run.mesh))
+    stage_settings = {"devices": run.mesh.size, "compute_dtype": teacher.compute_dtype}
+    return teacher, train.StageResult(variables, [], 0.0, stage_settings)
   if not config.teacher.checkpoint:
     directory = os.path.join(run.workdir, "teacher")
     stage = train.Stage("teacher", directory, teacher, variables, config.teacher, config.seed)
@@ -302,9 +317,7 @@ def _student_stages(
       stage_name = name if index == 0 else f"{name}_seed{seed}"
       # A fresh network each time: the same seed gives the baseline the very same
       # initial weights, and the first stage's arrays are donated to its steps.
-      network, variables = run.network(
-          config.student.model, seed, width_multiplier=config.student.width_multiplier
-      )
+      network, variables = run.network("student", seed)
       stage = train.Stage(
           stage_name,
           os.path.join(run.workdir, stage_name),

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from kd_jax import data, methods, models, optim, parallel, schedules, teacher_cache
+from kd_jax import data, methods, models, optim, parallel, pretrained, schedules, teacher_cache
 from kd_jax.data import augment
 from kd_jax.errors import UserInputError
 from kd_jax.network import resolve_compute_dtype
@@ -51,6 +51,10 @@ _FLAG = (lambda v: isinstance(v, bool)), "true or false"
 _POSITIVE = _number("> 0", lambda v: v > 0)
 _NON_NEGATIVE = _number(">= 0", lambda v: v >= 0)
 _FRACTION = _number("in [0, 1]", lambda v: 0 <= v <= 1)
+_CHANNEL_VALUES = (
+    lambda v: isinstance(v, (tuple, list)) and all(_is_number(e) and 0 <= e <= 1 for e in v),
+    "per-channel values on the 0..1 scale, e.g. (0.485, 0.456, 0.406), or () to compute them",
+)
 _EPOCH_LIST = (
     lambda v: isinstance(v, (tuple, list))
     and all(_is_whole(e) and e >= 1 for e in v)
@@ -79,7 +83,11 @@ def _optimizer_rules(stage: str) -> dict[str, Rule]:
 
 def _stage_rules(stage: str, **extra: Rule) -> dict[str, Rule]:
   rules = {
-      "model": _one_of(models.model_names()),
+      "model": (
+          lambda v: isinstance(v, str) and (v in models.model_names() or models.is_factory(v)),
+          f"one of {', '.join(models.model_names())}, or package.module:function",
+      ),
+      "weights": _TEXT,  # pretrained.check_settings
       "epochs": _whole(">= 0 (0: the stage does not train)", lambda v: v >= 0),
       "batch_size": _whole(),  # range: parallel.check_batch_size
       **extra,
@@ -113,6 +121,8 @@ RULES: dict[str, Rule] = {
     "data.stats_images": _whole(">= 1", lambda v: v >= 1),
     "data.eval_crop": _number("in (0, 1]", lambda v: 0 < v <= 1),
     "data.teacher_logits_dir": _TEXT,
+    "data.mean": _CHANNEL_VALUES,
+    "data.std": _CHANNEL_VALUES,  # the channel count and std > 0: augment.given_stats
     **_stage_rules("teacher", checkpoint=_TEXT),
     **_stage_rules("student", width_multiplier=_POSITIVE),
     "distill.method": _TEXT,
@@ -178,9 +188,22 @@ def check(config: ml_collections.ConfigDict, mesh) -> None:
   for key in ("teacher.batch_size", "student.batch_size", "eval.batch_size"):
     parallel.check_batch_size(flat[key], key, mesh)
   for stage in ("teacher", "student"):
+    try:  # a user's factory: importable, and there?
+      models.resolve(config[stage].model)
+    except UserInputError as e:
+      raise UserInputError(f"{stage}.model: {e}") from None
+    pretrained.check_settings(stage, config[stage])
     _check_schedule(stage, config[stage])
   _check_data(config.data)
   _check_teacher_logits_dir(config)
+  teacher = config.teacher
+  if teacher.epochs == 0 and not (
+      teacher.weights or teacher.checkpoint or config.data.teacher_logits_dir
+  ):
+    raise UserInputError(
+        "teacher.epochs=0 uses the teacher as it is: give its weights (teacher.weights or "
+        "teacher.checkpoint), or train it for some epochs"
+    )
 
 
 def _check_schedule(stage: str, stage_config) -> None:
@@ -230,13 +253,14 @@ def _check_teacher_logits_dir(config) -> None:
       )
       if value != wanted
   ]
-  if config.teacher.checkpoint:
-    conflicts.append(f"teacher.checkpoint={config.teacher.checkpoint!r}")
+  for field in ("checkpoint", "weights"):
+    if config.teacher[field]:
+      conflicts.append(f"teacher.{field}={config.teacher[field]!r}")
   if conflicts:
     raise UserInputError(
         "data.teacher_logits_dir gives the teacher's logits, so kd_jax runs no teacher: "
-        f"set distill.mode=offline and distill.cache=plain and no teacher.checkpoint "
-        f"(now {', '.join(conflicts)})"
+        "set distill.mode=offline and distill.cache=plain and no teacher.checkpoint or "
+        f"weights (now {', '.join(conflicts)})"
     )
 
 
@@ -250,6 +274,9 @@ def check_batch_fits(key: str, batch_size: int, num_train: int) -> None:
 
 def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:
   """The settings that need the data's size, checked before any stage trains."""
-  teacher_trains = not (config.teacher.checkpoint or config.data.teacher_logits_dir)
+  teacher = config.teacher
+  teacher_trains = teacher.epochs > 0 and not (
+      teacher.checkpoint or config.data.teacher_logits_dir
+  )
   for stage in ("teacher", "student") if teacher_trains else ("student",):
     check_batch_fits(f"{stage}.batch_size", config[stage].batch_size, num_train)

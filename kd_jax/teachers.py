@@ -125,7 +125,13 @@ def plain_logits(
   Returns (the teacher for the student's step, the cache folder).
   """
   key = teacher_cache.fingerprint(
-      teacher.variables, cache.data_digest, cache.dtype, "plain", cache.top_k
+      teacher.variables,
+      cache.data_digest,
+      cache.dtype,
+      "plain",
+      cache.top_k,
+      data.mean_C.tolist(),  # the teacher's input: data.mean/std may be given
+      data.std_C.tolist(),
   )
   forward = evaluate.jit_forward(teacher.network, data.mean_C, data.std_C, mesh)
   stored, folder = teacher_cache.load_or_compute(
@@ -161,6 +167,8 @@ def consistent_views(
       batch_size,
       epochs,
       cache.top_k,
+      data.mean_C.tolist(),
+      data.std_C.tolist(),
   )
 
   def view_logits(variables, images_BxHxWxC, step):

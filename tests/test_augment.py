@@ -32,3 +32,14 @@ def test_resized_crop_keeps_shape_and_values_and_draws_per_image():
 def test_unknown_augmentation_names_the_choices():
   with pytest.raises(UserInputError, match="use one of crop_flip, resized_crop_flip, none"):
     augment.get_augmentation("mixup")
+
+
+def test_given_stats_override_the_computed_ones_or_are_refused():
+  assert augment.given_stats({"mean": (), "std": ()}, 3) is None
+  mean, std = augment.given_stats({"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}, 3)
+  assert mean.dtype == std.dtype == np.float32
+  np.testing.assert_allclose(std, [0.229, 0.224, 0.225], rtol=1e-6)
+  with pytest.raises(UserInputError, match="one value per image channel"):
+    augment.given_stats({"mean": (0.5,), "std": (0.2,)}, 3)
+  with pytest.raises(UserInputError, match="0..1 scale"):
+    augment.given_stats({"mean": (124.0, 116.0, 104.0), "std": (58.0, 57.0, 57.0)}, 3)

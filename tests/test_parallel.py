@@ -108,7 +108,7 @@ config = default.get_config()
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
   mesh = Mesh(np.array(devices), (parallel.DATA_AXIS,))
-  data = in_memory.put_on_device(dataset, mesh, "crop_flip")
+  data = in_memory.put_on_device(dataset, mesh, {"augment": "crop_flip"})
   shapes = dict(num_classes=10, in_channels=1, seed=0)
   student, variables = create_network("dsconv_student", width_multiplier=0.25, **shapes)
   teacher, teacher_variables = create_network("resnet8", **shapes)

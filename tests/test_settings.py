@@ -30,7 +30,8 @@ _OPTIMIZER = {
     "decay_factor": [0, 1.5, -0.1],
 }
 _STAGE = {
-    "model": ["resnet21", "", None],
+    "model": ["resnet21", "", None, "no_such_package.models:make"],
+    "weights": [None, 1, "teacher.pth", "missing.safetensors"],
     "epochs": [-1, 2.5, "10"],
     "batch_size": [0, -64, 6, 64.0, "64"],
 }
@@ -56,6 +57,8 @@ BAD_VALUES = {
     "data.stats_images": [0, 1.5],
     "data.eval_crop": [0, 1.5, -0.5, "0.875"],
     "data.teacher_logits_dir": [None, 1],
+    "data.mean": ["0.5", (1.5, 0.5, 0.5), (-0.1,)],
+    "data.std": [0.2, (0.2, 2.0, 0.2)],
     "teacher.checkpoint": [None, 1],
     "student.width_multiplier": [0, -0.5, "1"],
     "distill.method": ["crd", "", None],

@@ -100,7 +100,7 @@ def _pixels(training_data, view_BxHxWxC) -> np.ndarray:
 def test_streamed_batches_are_the_in_memory_batches(request, kind, tree, image_size):
   config = _data_config(request.getfixturevalue(tree), augment=kind, image_size=image_size)
   mesh = parallel.make_mesh()
-  held_data = in_memory.put_on_device(data.load_dataset(config), mesh, kind)
+  held_data = in_memory.put_on_device(data.load_dataset(config), mesh, {"augment": kind})
   streamed = streaming.StreamedData(data.open_dataset(config), mesh, config)
   # Every image sampled: the statistics are the in-memory ones, to the bit.
   np.testing.assert_array_equal(streamed.mean_C, held_data.mean_C)

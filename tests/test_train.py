@@ -22,7 +22,7 @@ def setup():
       tuple(str(i) for i in range(10)),
   )
   mesh = parallel.make_mesh()
-  return dataset, mesh, in_memory.put_on_device(dataset, mesh, "crop_flip")
+  return dataset, mesh, in_memory.put_on_device(dataset, mesh, {"augment": "crop_flip"})
 
 
 def _copy(tree):

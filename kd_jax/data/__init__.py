@@ -9,7 +9,8 @@ one process's share of each split in a multi-host run.
   dir: root of the image-folder tree (source 'folder').
   image_size: side of the square images to resize to; 0 keeps the data's own
     size (for a folder of mixed sizes, the most common size).
-  train_split, test_split: TFDS split names, default 'train' and 'test'.
+  train_split, test_split: TFDS split names, or (source 'folder') the names of the
+    training and test folders under dir; default 'train' and 'test'.
   download: whether TFDS may download and prepare a missing dataset.
   tfds_data_dir: optional TFDS data directory; unset means the TFDS default
     ($TFDS_DATA_DIR or ~/tensorflow_datasets).
@@ -169,7 +170,9 @@ def load_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
   if source == "folder":
     from kd_jax.data import folder  # pylint: disable=g-import-not-at-top
 
-    return folder.load(data_config.get("dir"), image_size, process_index, process_count)
+    return folder.load(
+        data_config.get("dir"), image_size, process_index, process_count, _folders(data_config)
+    )
   if source == "tfds":
     from kd_jax.data import tfds_source  # pylint: disable=g-import-not-at-top
 
@@ -204,7 +207,7 @@ def open_dataset(data_config, process_index: int = 0, process_count: int = 1) ->
     from kd_jax.data import folder  # pylint: disable=g-import-not-at-top
 
     train, test, class_names = folder.open_splits(
-        data_config.get("dir"), process_index, process_count
+        data_config.get("dir"), process_index, process_count, _folders(data_config)
     )
     shape, train_files = (None, None, 3), train.files
   elif source == "tfds":
@@ -268,6 +271,11 @@ def _size_of(data_config) -> tuple[int, tuple]:
     )
   dataset = open_dataset(data_config)
   return len(dataset.train) + len(dataset.test), dataset.image_shape
+
+
+def _folders(data_config) -> tuple[str, str]:
+  """The training and test folders of an image folder: data.train_split and data.test_split."""
+  return data_config.get("train_split", "train"), data_config.get("test_split", "test")
 
 
 def _image_size(value) -> int:

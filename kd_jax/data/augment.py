@@ -31,6 +31,30 @@ def pixel_histograms(images_NxHxWxC: np.ndarray) -> np.ndarray:
   ).astype(np.int64)
 
 
+def given_stats(data_config, channels: int) -> tuple[np.ndarray, np.ndarray] | None:
+  """data.mean and data.std as float32 arrays, or None when they are to be computed.
+
+  Raises:
+    UserInputError: unless both are empty or both give `channels` values on the
+      0..1 scale, every std above 0.
+  """
+  mean, std = tuple(data_config.get("mean", ())), tuple(data_config.get("std", ()))
+  if not mean and not std:
+    return None
+  for name, values in (("mean", mean), ("std", std)):
+    if len(values) != channels:
+      raise UserInputError(
+          f"data.{name}={values} must give one value per image channel ({channels}), "
+          "or leave data.mean and data.std both empty to compute them"
+      )
+  if not all(0 <= m <= 1 for m in mean) or not all(0 < s <= 1 for s in std):
+    raise UserInputError(
+        f"data.mean={mean} and data.std={std} must be on the 0..1 scale (e.g. ImageNet's "
+        "(0.485, 0.456, 0.406) and (0.229, 0.224, 0.225)), every std above 0"
+    )
+  return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+
 def normalization_stats(histograms_Cx256: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per-channel mean and std, on the 0..1 scale, as float32, from pixel histograms.
 

@@ -1,4 +1,7 @@
-"""Image-folder source: root/{train,test}/<class>/<image>, decoded with OpenCV.
+"""Image-folder source: root/<split>/<class>/<image>, decoded with OpenCV.
+
+The split folders are train/ and test/ unless named otherwise (data.train_split
+and data.test_split, e.g. ImageNet's train/ and val/).
 
 Class indices follow the sorted class folder names; files are read in sorted
 order within each class, so every load gives the same arrays. Images are
@@ -30,7 +33,11 @@ _MAX_BAD_FRACTION = 0.01
 
 
 def load(
-    root: str | None, image_size: int, process_index: int = 0, process_count: int = 1
+    root: str | None,
+    image_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    folders: tuple[str, str] = SPLITS,
 ) -> Dataset:
   """Loads an image-folder tree, or one process's share of it.
 
@@ -40,6 +47,7 @@ def load(
     process_index: this process, of...
     process_count: ...this many; only this process's even share of each
       split's sorted file list is decoded.
+    folders: the names of the training and test folders under root.
 
   Returns:
     The dataset, with `train_files` set.
@@ -47,7 +55,7 @@ def load(
   Raises:
     UserInputError: the tree is missing, malformed or has too many bad files.
   """
-  *shares, class_names = open_splits(root, process_index, process_count)
+  *shares, class_names = open_splits(root, process_index, process_count, folders)
   splits = {}
   for split, share in zip(SPLITS, shares):
     files, labels = list(share.files), share.labels.tolist()
@@ -108,26 +116,30 @@ class FolderImages:
 
 
 def open_splits(
-    root: str | None, process_index: int = 0, process_count: int = 1
+    root: str | None,
+    process_index: int = 0,
+    process_count: int = 1,
+    folders: tuple[str, str] = SPLITS,
 ) -> tuple[FolderImages, FolderImages, tuple[str, ...]]:
   """This process's share of each split, to be read image by image: (train, test, class names).
 
-  Nothing is decoded: a streamed pipeline reads the images as it needs them.
+  `folders` names the training and test folders under root. Nothing is
+  decoded: a streamed pipeline reads the images as it needs them.
   """
   root = _checked_root(root)
-  class_names = _class_names(root)
+  class_names = _class_names(root, folders)
   splits = []
-  for split in SPLITS:
-    files, labels = _list_files(root, split, class_names)
+  for folder in folders:
+    files, labels = _list_files(root, folder, class_names)
     share = share_of(len(files), process_index, process_count)
     splits.append(FolderImages(root, files[share], labels[share]))
   return splits[0], splits[1], class_names
 
 
-def _class_names(root: str) -> tuple[str, ...]:
-  """Returns the sorted class folder names, checking both splits agree."""
+def _class_names(root: str, folders: tuple[str, str]) -> tuple[str, ...]:
+  """Returns the sorted class folder names, checking both splits' folders agree."""
   classes = {}
-  for split in SPLITS:
+  for split in folders:
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
       raise UserInputError(
@@ -141,15 +153,16 @@ def _class_names(root: str) -> tuple[str, ...]:
     }
     if not classes[split]:
       raise UserInputError(f"{split_dir} has no class folders: expected {split}/<class>/<image>")
-  if classes["train"] != classes["test"]:
-    only_train = ", ".join(sorted(classes["train"] - classes["test"])) or "-"
-    only_test = ", ".join(sorted(classes["test"] - classes["train"])) or "-"
+  train, test = folders
+  if classes[train] != classes[test]:
+    only_train = ", ".join(sorted(classes[train] - classes[test])) or "-"
+    only_test = ", ".join(sorted(classes[test] - classes[train])) or "-"
     raise UserInputError(
-        f"train/ and test/ in {root} have different classes (only in train: "
-        f"{only_train}; only in test: {only_test}): give both the same class "
+        f"{train}/ and {test}/ in {root} have different classes (only in {train}: "
+        f"{only_train}; only in {test}: {only_test}): give both the same class "
         "folders"
     )
-  return tuple(sorted(classes["train"]))
+  return tuple(sorted(classes[train]))
 
 
 def _list_files(root: str, split: str, class_names: tuple[str, ...]) -> tuple[list[str], list[int]]:

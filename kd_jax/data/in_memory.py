@@ -85,19 +85,23 @@ class DeviceData:
     return logits, labels
 
 
-def put_on_device(dataset: Dataset, mesh, augment: str) -> DeviceData:
+def put_on_device(dataset: Dataset, mesh, data_config) -> DeviceData:
   """Copies this process's share of the dataset to its devices once; steps gather from it.
 
-  `augment` names the augmentation the train step applies (data.augment).
-  The normalisation statistics are over the whole training split, from every
-  process's pixel histograms, so they are exact and the same everywhere.
+  The train step applies data_config.augment. The normalisation statistics
+  are data_config.mean and .std if given, else over the whole training split,
+  from every process's pixel histograms, so they are exact and the same
+  everywhere.
   """
   counts_Px2 = parallel.allgather(
       np.array([[len(dataset.train_labels), len(dataset.test_labels)]], np.int64)
   )
   train, test = RowLayout(counts_Px2[:, 0]), RowLayout(counts_Px2[:, 1])
-  histograms = parallel.allgather(augment_lib.pixel_histograms(dataset.train_images)[None])
-  mean_C, std_C = augment_lib.normalization_stats(histograms.sum(axis=0))
+  stats = augment_lib.given_stats(data_config, dataset.image_shape[-1])
+  if stats is None:
+    histograms = parallel.allgather(augment_lib.pixel_histograms(dataset.train_images)[None])
+    stats = augment_lib.normalization_stats(histograms.sum(axis=0))
+  mean_C, std_C = stats
   # Labels are small: every process keeps all of them.
   train_labels = train.gather_all(dataset.train_labels.astype(np.int32))
   return DeviceData(
@@ -110,7 +114,7 @@ def put_on_device(dataset: Dataset, mesh, augment: str) -> DeviceData:
       mean_C,
       std_C,
       dataset.num_classes,
-      augment_lib.get_augmentation(augment),
+      augment_lib.get_augmentation(data_config["augment"]),
       make_gather(mesh),
   )
 

@@ -58,7 +58,8 @@ class StreamedData:
 
   The augmentation (data.augment's) is applied on the host, as each batch is
   made, with the decisions the in-memory step would draw on the device; the
-  step only normalises (`student_view`). Normalisation statistics come from the pixel histograms of up to
+  step only normalises (`student_view`). Normalisation statistics are
+  data.mean and data.std if given, else from the pixel histograms of up to
   data.stats_images training images spread evenly over the split (all of
   them, and so the in-memory statistics exactly, for smaller splits).
   """
@@ -78,7 +79,10 @@ class StreamedData:
     self.test_layout = RowLayout(self._test_counts)
     self.num_classes = dataset.num_classes
     self.image_shape = dataset.image_shape
-    self.mean_C, self.std_C = self._normalization_stats(int(data_config.get("stats_images", 50000)))
+    stats = augment_lib.given_stats(data_config, self.image_shape[-1])
+    if stats is None:
+      stats = self._normalization_stats(int(data_config.get("stats_images", 50000)))
+    self.mean_C, self.std_C = stats
 
   @property
   def num_train(self) -> int:
