@@ -50,7 +50,8 @@ def _launch(workdir: str, tree: str, overrides: dict) -> dict:
       "--config=" + os.path.join(ROOT, "configs", "cifar.py") + ":budget",
       f"--workdir={workdir}",
   ] + [f"--config.{key}={value}" for key, value in flags.items()]
-  subprocess.run(command, check=True, cwd=ROOT)
+  if subprocess.run(command, cwd=ROOT).returncode:
+    sys.exit(f"launch.py stopped in {workdir}; the same command resumes it")
   with open(os.path.join(workdir, "report.json")) as f:
     return json.load(f)
 
