@@ -34,8 +34,12 @@ quickstart: setup
 	$(BIN)/python launch.py --config=configs/quickstart.py --workdir=$(QUICKSTART_DIR)
 	@echo "report: $(QUICKSTART_DIR)/report.md"
 
+# One worker per CPU core, each taking whole test files, so that a file's shared
+# runs (its module fixtures) are made once.
+PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, small_config, small_config_flags
+from conftest import MID_EPOCH_SAVES, ROOT, small_config, small_config_flags
 from kd_jax import checkpoint, pipeline, train
 from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
 from kd_jax.network import create_network
@@ -62,7 +62,7 @@ def _assert_same_run(workdir: str, reference: str, reference_report: dict):
 
 def _start(workdir: str) -> subprocess.Popen:
   return subprocess.Popen(
-      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags()],
+      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags(**MID_EPOCH_SAVES)],
       cwd=ROOT,
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
@@ -101,7 +101,7 @@ def test_killed_and_preempted_run_ends_bit_identical(quickstart_run, tmp_path):
   assert _steps(workdir, "student")
 
   finished = subprocess.run(
-      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags()],
+      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags(**MID_EPOCH_SAVES)],
       cwd=ROOT,
       capture_output=True,
       text=True,
@@ -155,7 +155,7 @@ def test_an_error_in_a_step_leaves_whole_checkpoints_and_the_rerun_resumes(
 ):
   reference, reference_report = quickstart_run
   workdir = _copy_with_teacher_only(reference, tmp_path / "work")
-  config = small_config()
+  config = small_config(**MID_EPOCH_SAVES)
   saved = config.checkpoint.every_steps
   make_train_step = train.make_train_step
 
