@@ -29,6 +29,7 @@ BAD_FACTORIES = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_distils_into_the_example_student(quickstart_run, tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(EXAMPLES)
   name = "my_student:make_student"
@@ -73,6 +74,7 @@ def test_bad_factory_is_one_line_before_any_training(tmp_path, monkeypatch, mode
   assert not (workdir / "teacher").exists()
 
 
+@pytest.mark.slow
 def test_notebook_snippet_runs_outside_the_repository(tmp_path):
   """docs/own_models.md's Python snippet, run from another directory with kd_jax on the path."""
   with open(os.path.join(ROOT, "docs", "own_models.md")) as f:

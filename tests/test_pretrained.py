@@ -163,6 +163,7 @@ def save_torch_state_dict(model_name: str, num_classes: int, path) -> nnx.Module
   return model
 
 
+@pytest.mark.slow
 def test_pretrained_teacher_as_is(image_folder, tmp_path):
   weights = tmp_path / "mobilenet_v2.safetensors"
   source = save_torch_state_dict("mobilenet_v2", 3, weights)
@@ -197,6 +198,7 @@ def test_pretrained_teacher_as_is(image_folder, tmp_path):
   assert report["student"]["epochs"] == 1
 
 
+@pytest.mark.slow
 def test_pretrained_teacher_with_another_head_is_fine_tuned(image_folder, tmp_path):
   weights = tmp_path / "mobilenet_v2.safetensors"
   source = save_torch_state_dict("mobilenet_v2", 7, weights)  # 7 classes; the data has 3

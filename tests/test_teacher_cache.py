@@ -193,6 +193,7 @@ def test_consistent_views_match_online_distillation_with_augmentation(quickstart
   assert again["teacher_logits"]["folder"] == folder
 
 
+@pytest.mark.slow
 def test_each_seeds_student_has_the_logits_of_its_own_views(quickstart_run, tmp_path):
   teacher_run = tmp_path / "teacher_run"
   shutil.copytree(os.path.join(quickstart_run[0], "teacher"), teacher_run / "teacher")
