@@ -5,9 +5,11 @@ three stages, the two strided convolutions that open stages 2 and 3) alone, the 
 widest 1x1 convolution as a matrix product, the student's two stride-1 depthwise layers
 forward and backward (output, input gradient and kernel gradient), and the teacher's whole
 forward pass in inference mode, and prints milliseconds and GFLOP/s as one JSON line. With
-JAX (kd_jax's environment): XLA's convolution and the form kd_jax's `layers.Conv3x3` takes on
-this platform, `ops.depthwise_conv_shifted` and the form `layers.DepthwiseConv` takes,
-alternated call by call so that both share the machine's drift, and kd_jax's resnet20. With
+JAX (kd_jax's environment): XLA's convolution and kd_jax's `layers.Conv3x3` on the
+convolutions a network takes on this machine (`network.choose_convolutions`: oneDNN's on one
+CPU where kd_jax.native is built), `ops.depthwise_conv_shifted` and `layers.DepthwiseConv`
+the same way, alternated call by call so that both share the machine's drift, and kd_jax's
+resnet20. With
 --framework=torch (the peer's environment): PyTorch's conv2d in channels_last (grouped for
 the depthwise layers, with aten's convolution_backward), its matmul, and the peer's ResNet-20
 (bench/torch_peer.py) eager in channels_last and under torch.compile, as the
@@ -89,13 +91,14 @@ def _jax_rates(repeats: int) -> dict:
   from flax import nnx
 
   from kd_jax import layers, ops
-  from kd_jax.network import create_network
+  from kd_jax.network import choose_convolutions, create_network
 
   rng = np.random.default_rng(0)
   rates = {}
   for name, (size, cin, cout, stride) in CONVS.items():
     x = jnp.asarray(rng.standard_normal((BATCH, size, size, cin), np.float32))
     conv = layers.conv3x3(cin, cout, strides=stride, rngs=nnx.Rngs(0))
+    layers.use_convolutions(conv, choose_convolutions(conv, "float32"))
     graphdef, params = nnx.split(conv)
     kd_jax_conv = jax.jit(lambda params, x, graphdef=graphdef: nnx.merge(graphdef, params)(x))
     xla_conv = jax.jit(
@@ -120,6 +123,7 @@ def _jax_rates(repeats: int) -> dict:
     x = jnp.asarray(rng.standard_normal((BATCH, size, size, channels), np.float32))
     dy = jnp.asarray(rng.standard_normal((BATCH, size, size, channels), np.float32))
     layer = layers.DepthwiseConv(channels, rngs=nnx.Rngs(0))
+    layers.use_convolutions(layer, choose_convolutions(layer, "float32"))
     kernel = layer.kernel[...]
 
     def train_pass(conv, kernel, x, dy):

@@ -8,9 +8,9 @@ import jax
 import numpy as np
 from jax.extend import core as jax_core
 
-from kd_jax import native, parallel
+from kd_jax import parallel
 from kd_jax.data import augment as augment_lib
-from kd_jax.network import Network, Variables
+from kd_jax.network import CONVOLUTION_NAMES, Network, Variables
 
 
 def make_forward(network: Network, mean_C: np.ndarray, std_C: np.ndarray) -> Callable:
@@ -109,46 +109,64 @@ def forward_costs(forward: Callable, variables: Variables, images: jax.Array) ->
   """What `forward(variables, images)` computes per image: "macs" and "flops".
 
   "macs": `count_macs`. "flops": XLA's cost analysis of the compiled forward (two per
-  multiply-add, plus the elementwise work). Both are counted on the forward traced with
-  XLA's operations only (`native.portable()`): the cost analysis cannot see inside
-  kd_jax's native convolutions.
+  multiply-add, plus the elementwise work). `forward` must run a portable network
+  (`Network.portable()`): the cost analysis cannot see inside kd_jax's native convolutions.
   """
-  with native.portable():
-    # A fresh function, so that jit cannot reuse a trace made with the native calls.
-    traced = jax.jit(lambda variables, images: forward(variables, images)).trace(
-        variables, images
-    )
+  traced = jax.jit(forward).trace(variables, images)
   flops = traced.lower().compile().cost_analysis()["flops"]
   return {"macs": count_macs(traced.jaxpr.jaxpr) // len(images), "flops": flops / len(images)}
 
 
-def measure_efficiency(
-    forward: Callable,
-    variables: Variables,
-    image_shape: tuple,
-    *,
-    batch_size: int,
-    latency_repeats: int,
-    throughput_repeats: int
+def measure_speed(
+    forward: Callable, variables: Variables, image_shape: tuple, eval_config
 ) -> dict:
-  """Size and speed of a model for inference, on one device.
+  """How fast `forward(variables, uint8 images)` runs, on the device that holds `variables`.
 
-  Returns "params", "param_bytes", "macs" and "flops" per image (`forward_costs`),
-  "latency_ms" (batch 1) and "throughput" (images/s at `batch_size`).
+  "latency_ms": the median of eval_config.latency_repeats calls at batch 1; "throughput":
+  images/s, from the median of eval_config.throughput_repeats calls at eval_config.batch_size.
   """
-  variables = parallel.local_replica(variables)
   device = jax.tree.leaves(variables)[0].devices().pop()
-  params = jax.tree.leaves(variables.params)
   jitted = jax.jit(forward)
   one = jax.device_put(np.zeros((1, *image_shape), np.uint8), device)
-  many = jax.device_put(np.zeros((batch_size, *image_shape), np.uint8), device)
+  many = jax.device_put(np.zeros((eval_config.batch_size, *image_shape), np.uint8), device)
   # Timed as compiled ahead of time: calling `jitted` at batch 1 would compile again.
   single = jitted.lower(variables, one).compile()
-  return {
+  latency_s = _median_seconds(lambda: single(variables, one), eval_config.latency_repeats)
+  batch_s = _median_seconds(lambda: jitted(variables, many), eval_config.throughput_repeats)
+  return {"latency_ms": 1e3 * latency_s, "throughput": eval_config.batch_size / batch_s}
+
+
+def measure_efficiency(
+    network: Network,
+    variables: Variables,
+    image_shape: tuple,
+    eval_config,
+    *,
+    mean_C: np.ndarray,
+    std_C: np.ndarray,
+    exported: bool = False,
+) -> dict:
+  """Size and speed of a model for inference (`make_forward`), on one device.
+
+  Returns "params", "param_bytes", "macs" and "flops" per image (`forward_costs`),
+  "convolutions" (the name of `network.convolutions`) and the "latency_ms" and "throughput"
+  (`measure_speed`) they ran at. With `exported`, also "exported_latency_ms" and
+  "exported_throughput": those of the network on XLA's convolutions, as its export runs.
+  """
+  variables = parallel.local_replica(variables)
+  params = jax.tree.leaves(variables.params)
+  portable = make_forward(network.portable(), mean_C, std_C)
+  one = np.zeros((1, *image_shape), np.uint8)
+  speed = measure_speed(make_forward(network, mean_C, std_C), variables, image_shape, eval_config)
+  efficiency = {
       "params": int(sum(p.size for p in params)),
       "param_bytes": int(sum(p.size * p.dtype.itemsize for p in params)),
-      **forward_costs(forward, variables, one),
-      "latency_ms": 1e3 * _median_seconds(lambda: single(variables, one), latency_repeats),
-      "throughput": batch_size
-      / _median_seconds(lambda: jitted(variables, many), throughput_repeats),
+      **forward_costs(portable, variables, one),
+      "convolutions": CONVOLUTION_NAMES[network.convolutions],
+      **speed,
   }
+  if exported:
+    if network.convolutions != "xla":  # else the export runs what was just timed
+      speed = measure_speed(portable, variables, image_shape, eval_config)
+    efficiency.update({f"exported_{key}": value for key, value in speed.items()})
+  return efficiency

@@ -24,7 +24,6 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from kd_jax import native
 from kd_jax.network import Network, Variables
 
 MODEL_FILE = "model.jax"
@@ -51,11 +50,11 @@ def _inference_function(network: Network, variables: Variables) -> Callable:
   makes the exported function carry its weights as constants.
   """
   host_variables = jax.tree.map(_to_host, variables)
+  # An exported model must run without kd_jax, so without its native kernels.
+  portable = network.portable()
 
   def infer(images_BxHxWxC: jax.Array) -> jax.Array:
-    # An exported model must run without kd_jax, so without its native kernels.
-    with native.portable():
-      return network.apply(host_variables, images_BxHxWxC, train=False)[0]
+    return portable.apply(host_variables, images_BxHxWxC, train=False)[0]
 
   return infer
 

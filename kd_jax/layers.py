@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kd_jax import native, ops
+from kd_jax import ops
 
 # PyTorch's BatchNorm2d defaults; its momentum=0.1 weighs the new batch, Flax's
 # momentum weighs the running average, hence 0.9.
@@ -69,52 +69,22 @@ def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> BatchNorm:
   return BatchNorm(num_features, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
 
 
-# Output tiles from which kd_jax takes Winograd's form on CPU (batch 128 at 8x8). Below, a
-# layer saves at most ~1 ms per step for ~0.17 s more compile time, which small problems
-# (evaluation batches, short runs, tests) do not earn back (BENCHMARKS.md).
-_WINOGRAD_MIN_TILES = 2048
-# Input channels up to which the column-pair product beats XLA:CPU's convolution: an RGB
-# or RGBA stem (BENCHMARKS.md).
-_COLUMN_PAIRS_MAX_CHANNELS = 4
-
-
 class Conv3x3(nnx.Conv):
-  """nnx.Conv with a 3x3 kernel, padding 1 and no bias; on CPU, a faster form where one pays.
+  """nnx.Conv with a 3x3 kernel, padding 1 and no bias, as XLA's or oneDNN's convolution.
 
-  Same parameters and results as nnx.Conv (tests/test_layers.py). On CPU, float32 layers
-  run as `ops.conv3x3_onednn` wherever `native.onednn_conv_available()`. Else, at stride 1:
-  layers with at most _COLUMN_PAIRS_MAX_CHANNELS input channels and even width run as
-  `ops.conv3x3_column_pairs`; float32 layers with even height and width, more than 16
-  channels in or out and at least _WINOGRAD_MIN_TILES 2x2 output tiles as
-  `ops.conv3x3_winograd`.
+  Same parameters and results as nnx.Conv (tests/test_layers.py). `convolutions` ("xla"
+  unless `use_convolutions` says otherwise) picks nnx.Conv's own convolution or
+  `ops.conv3x3_onednn`.
   """
+
+  convolutions = "xla"
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the convolution to channels-last images."""
-    x, kernel = self.promote_dtype((x_BxHxWxC, self.kernel[...]), dtype=self.dtype)
-    batch, height, width, _ = x.shape
-    stride_h, stride_w = (self.strides,) * 2 if isinstance(self.strides, int) else self.strides
-    stride_1 = stride_h == stride_w == 1
-    default_conv = ops.conv3x3_lax
-    if x.dtype == jnp.float32 and stride_h == stride_w and native.onednn_conv_available():
-      cpu_conv = functools.partial(ops.conv3x3_onednn, stride=stride_h)
-      default_conv = functools.partial(ops.conv3x3_lax, stride=stride_h)
-    elif stride_1 and self.in_features <= _COLUMN_PAIRS_MAX_CHANNELS and width % 2 == 0:
-      cpu_conv = ops.conv3x3_column_pairs
-    elif (
-        stride_1
-        and x.dtype == jnp.float32
-        and height % 2 == 0
-        and width % 2 == 0
-        and max(self.in_features, self.out_features) > 16
-        and batch * (height // 2) * (width // 2) >= _WINOGRAD_MIN_TILES
-    ):
-      cpu_conv = ops.conv3x3_winograd
-    else:
-      return super().__call__(x_BxHxWxC)
-    # Chosen when lowering for a platform, so that an exported model takes each platform's
-    # own (the TensorFlow and JAX exports hold CPU and CUDA).
-    return jax.lax.platform_dependent(x, kernel, cpu=cpu_conv, default=default_conv)
+    if self.convolutions == "onednn":
+      x, kernel = self.promote_dtype((x_BxHxWxC, self.kernel[...]), dtype=self.dtype)
+      return ops.conv3x3_onednn(x, kernel, self.strides)
+    return super().__call__(x_BxHxWxC)
 
 
 def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.Rngs) -> Conv3x3:
@@ -130,52 +100,15 @@ def conv3x3(in_features: int, out_features: int, *, strides: int = 1, rngs: nnx.
   )
 
 
-def conv_bn(
-    conv: Conv3x3,
-    bn: BatchNorm,
-    x_BxHxWxC: jax.Array,
-    *,
-    relu: bool,
-    residual: jax.Array | None = None,
-) -> jax.Array:
-  """bn(conv(x)) (+ residual), then ReLU if `relu`: a residual block's conv-BN pairs.
-
-  In inference on CPU (float32, `native.onednn_conv_available()`), the batch norm is
-  folded into the convolution's kernel and bias and the whole runs as one
-  `ops.conv3x3_bias_onednn` call; otherwise as the modules themselves.
-  """
-  stride_h, stride_w = (conv.strides,) * 2 if isinstance(conv.strides, int) else conv.strides
-  if not (
-      bn.use_running_average
-      and x_BxHxWxC.dtype == jnp.float32
-      and stride_h == stride_w
-      and native.onednn_conv_available()
-  ):
-    y = bn(conv(x_BxHxWxC))
-    if residual is not None:
-      y = y + residual
-    return nnx.relu(y) if relu else y
-  scale_D = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
-  kernel = conv.kernel[...] * scale_D
-  bias_D = bn.bias[...] - bn.mean[...] * scale_D
-  # Chosen when lowering for a platform, as in Conv3x3.
-  return jax.lax.platform_dependent(
-      x_BxHxWxC,
-      kernel,
-      bias_D,
-      residual,
-      cpu=lambda *args: ops.conv3x3_bias_onednn(*args, stride_h, relu),
-      default=lambda *args: ops.conv3x3_bias_lax(*args, stride_h, relu),
-  )
-
-
 class DepthwiseConv(nnx.Module):
   """Bias-free 3x3 depthwise convolution, one filter per channel, padding 1.
 
-  On CPU, float32 layers run as `ops.conv3x3_onednn` wherever
-  `native.onednn_conv_available()`, else as `ops.depthwise_conv_shifted`; elsewhere as
-  XLA's grouped convolution.
+  With `convolutions` "onednn" (see `use_convolutions`) it runs as `ops.conv3x3_onednn`;
+  with "xla", as XLA's grouped convolution, except on CPU, where XLA's grouped convolution
+  runs 20-40x slower than `ops.depthwise_conv_shifted`, which it takes there.
   """
+
+  convolutions = "xla"
 
   def __init__(self, channels: int, *, strides: int = 1, rngs: nnx.Rngs):
     """Creates the layer.
@@ -193,19 +126,66 @@ class DepthwiseConv(nnx.Module):
     """Applies the convolution to channels-last images."""
     # In the input's precision (bfloat16 under mixed precision); the weights stay float32.
     kernel = self.kernel[...].astype(x_BxHxWxC.dtype)
-    # XLA's CPU grouped convolution is ~40x slower than the shifted sum, whose forward and
-    # backward passes are in turn 3-4x slower than oneDNN's. The choice is made when lowering
-    # for a platform, so that an exported model takes each platform's own.
-    if x_BxHxWxC.dtype == jnp.float32 and native.onednn_conv_available():
-      cpu_conv = ops.conv3x3_onednn
-    else:
-      cpu_conv = ops.depthwise_conv_shifted
+    if self.convolutions == "onednn":
+      return ops.conv3x3_onednn(x_BxHxWxC, kernel, self.strides)
+    # Chosen when lowering for a platform, so that an exported model holds each platform's own.
     return jax.lax.platform_dependent(
         x_BxHxWxC,
         kernel,
-        cpu=functools.partial(cpu_conv, stride=self.strides),
+        cpu=functools.partial(ops.depthwise_conv_shifted, stride=self.strides),
         default=functools.partial(ops.conv3x3_lax, stride=self.strides),
     )
+
+
+# The layers whose convolutions `use_convolutions` sets.
+CONV3X3_LAYERS = (Conv3x3, DepthwiseConv)
+
+
+def use_convolutions(model: nnx.Module, convolutions: str) -> None:
+  """Makes every 3x3 convolution layer of `model` run `convolutions`: "xla" or "onednn".
+
+  XLA's own convolutions, or oneDNN's (`kd_jax.native`), which need float32 on CPU; a
+  network runs all its layers one way (`kd_jax.network.choose_convolutions` decides).
+  """
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, CONV3X3_LAYERS):
+      module.convolutions = convolutions
+
+
+_ACTIVATIONS = {None: lambda y: y, "relu": nnx.relu, "relu6": nnx.relu6}
+
+
+def conv_bn(
+    conv: nnx.Module,
+    bn: BatchNorm,
+    x_BxHxWxC: jax.Array,
+    *,
+    activation: str | None = None,
+    residual: jax.Array | None = None,
+) -> jax.Array:
+  """activation(bn(conv(x)) (+ residual)): every model's convolution-batch-norm pairs.
+
+  `activation` is None, "relu" or "relu6". In inference with oneDNN's convolutions (a
+  Conv3x3 or DepthwiseConv whose `convolutions` is "onednn"), the batch norm is folded into
+  the kernel and a bias, and convolution, bias, residual and ReLU run as one
+  `ops.conv3x3_bias_onednn` call; otherwise the modules run one after the other.
+  """
+  if not (
+      bn.use_running_average
+      and isinstance(conv, CONV3X3_LAYERS)
+      and conv.convolutions == "onednn"
+  ):
+    y = bn(conv(x_BxHxWxC))
+    if residual is not None:
+      y = y + residual
+    return _ACTIVATIONS[activation](y)
+  scale_D = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+  kernel = conv.kernel[...] * scale_D
+  bias_D = bn.bias[...] - bn.mean[...] * scale_D
+  y = ops.conv3x3_bias_onednn(
+      x_BxHxWxC, kernel, bias_D, residual, conv.strides, activation is not None
+  )
+  return jnp.minimum(y, 6.0) if activation == "relu6" else y
 
 
 class PointwiseConv(nnx.Module):
@@ -274,11 +254,10 @@ class DSConv(nnx.Module):
 
     Pooling here, as `bn2.relu_pool`, fuses it with the last batch norm and ReLU.
     """
-    x = nnx.relu(self.bn1(self.depthwise(x_BxHxWxC)))
-    x = self.pointwise(x)
+    x = conv_bn(self.depthwise, self.bn1, x_BxHxWxC, activation="relu")
     if pool:
-      return self.bn2.relu_pool(x)
-    return nnx.relu(self.bn2(x))
+      return self.bn2.relu_pool(self.pointwise(x))
+    return conv_bn(self.pointwise, self.bn2, x, activation="relu")
 
 
 def projection_shortcut(
@@ -327,9 +306,9 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
-    out = conv_bn(self.conv1, self.bn1, x_BxHxWxC, relu=True)
-    residual = x_BxHxWxC if self.shortcut is None else self.shortcut(x_BxHxWxC)
-    return conv_bn(self.conv2, self.bn2, out, relu=True, residual=residual)
+    out = conv_bn(self.conv1, self.bn1, x_BxHxWxC, activation="relu")
+    residual = x_BxHxWxC if self.shortcut is None else conv_bn(*self.shortcut.layers, x_BxHxWxC)
+    return conv_bn(self.conv2, self.bn2, out, activation="relu", residual=residual)
 
 
 class WideBasicBlock(nnx.Module):
@@ -368,7 +347,7 @@ class WideBasicBlock(nnx.Module):
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
     preact = nnx.relu(self.bn1(x_BxHxWxC))
-    out = nnx.relu(self.bn2(self.conv1(preact)))
+    out = conv_bn(self.conv1, self.bn2, preact, activation="relu")
     out = self.conv2(out)
     residual = x_BxHxWxC if self.shortcut is None else self.shortcut(preact)
     return out + residual
@@ -404,11 +383,10 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
-    out = nnx.relu(self.bn1(self.conv1(x_BxHxWxC)))
-    out = nnx.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    residual = x_BxHxWxC if self.shortcut is None else self.shortcut(x_BxHxWxC)
-    return nnx.relu(out + residual)
+    out = conv_bn(self.conv1, self.bn1, x_BxHxWxC, activation="relu")
+    out = conv_bn(self.conv2, self.bn2, out, activation="relu")
+    residual = x_BxHxWxC if self.shortcut is None else conv_bn(*self.shortcut.layers, x_BxHxWxC)
+    return conv_bn(self.conv3, self.bn3, out, activation="relu", residual=residual)
 
 
 class InvertedResidual(nnx.Module):
@@ -445,7 +423,9 @@ class InvertedResidual(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
-    out = x_BxHxWxC if self.expand is None else nnx.relu6(self.expand(x_BxHxWxC))
-    out = nnx.relu6(self.bn(self.depthwise(out)))
-    out = self.project_bn(self.project(out))
-    return x_BxHxWxC + out if self.residual else out
+    out = x_BxHxWxC
+    if self.expand is not None:
+      out = conv_bn(*self.expand.layers, out, activation="relu6")
+    out = conv_bn(self.depthwise, self.bn, out, activation="relu6")
+    residual = x_BxHxWxC if self.residual else None
+    return conv_bn(self.project, self.project_bn, out, residual=residual)

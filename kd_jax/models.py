@@ -96,7 +96,7 @@ class CifarResNet(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the logits (B, num_classes) for images (B, H, W, C)."""
-    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, relu=True)
+    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, activation="relu")
     for block in self.blocks:
       x = block(x)
     return self.fc(ops.global_avg_pool(x))
@@ -201,7 +201,7 @@ class ImageNetResNet(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the logits (B, num_classes) for images (B, H, W, C)."""
-    x = nnx.relu(self.stem_bn(self.stem_conv(x_BxHxWxC)))
+    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, activation="relu")
     x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for block in self.blocks:
       x = block(x)
@@ -265,10 +265,10 @@ class MobileNetV2(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the logits (B, num_classes) for images (B, H, W, C)."""
-    x = nnx.relu6(self.stem_bn(self.stem_conv(x_BxHxWxC)))
+    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, activation="relu6")
     for block in self.blocks:
       x = block(x)
-    x = nnx.relu6(self.head_bn(self.head_conv(x)))
+    x = layers.conv_bn(self.head_conv, self.head_bn, x, activation="relu6")
     return self.fc(ops.global_avg_pool(x))
 
 

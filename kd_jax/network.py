@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kd_jax import models
+from kd_jax import layers, models, native
 from kd_jax.errors import UserInputError
 
 
@@ -35,25 +35,58 @@ def resolve_compute_dtype(name: str) -> str:
   return name
 
 
+# How the log and the report name each way to run convolutions (`layers.use_convolutions`).
+CONVOLUTION_NAMES = {"onednn": "oneDNN (CPU)", "xla": "XLA"}
+
+
+def choose_convolutions(model: nnx.Module, compute_dtype: str) -> str:
+  """The 3x3 convolutions `model` runs here in `compute_dtype`, "onednn" or "xla".
+
+  oneDNN's (`kd_jax.native`) for float32 on a single CPU device where the library is
+  built and the model has kd_jax's 3x3 layers (`layers.use_convolutions`): XLA:CPU's own
+  run 1.4-4x slower (BENCHMARKS.md), and the native call has no rule for splitting a batch
+  over devices. XLA's own everywhere else.
+  """
+  if (
+      any(isinstance(m, layers.CONV3X3_LAYERS) for _, m in nnx.iter_modules(model))
+      and compute_dtype == "float32"
+      and jax.default_backend() == "cpu"
+      and jax.device_count() == 1
+      and native.available()
+  ):
+    return "onednn"
+  return "xla"
+
+
 @dataclasses.dataclass(frozen=True)
 class Network:
   """A model's static graphs, one per mode; the arrays travel separately.
 
   Keeping arrays out of the graph lets jitted functions take them as plain
-  pytrees, so steps stay pure and the teacher can be an argument.
+  pytrees, so steps stay pure and the teacher can be an argument. Its layers
+  compute in `compute_dtype` and run `convolutions` (`layers.use_convolutions`).
   """
 
   name: str
   train_graph: nnx.GraphDef
   eval_graph: nnx.GraphDef
   compute_dtype: str = "float32"
+  convolutions: str = "xla"
 
   def apply(self, variables: Variables, images_BxHxWxC: jax.Array, *, train: bool):
     """Runs the model; returns (float32 logits, batch statistics after the pass)."""
     graph = self.train_graph if train else self.eval_graph
     model = nnx.merge(graph, variables.params, variables.batch_stats, copy=True)
+    layers.use_convolutions(model, self.convolutions)
     logits = model(images_BxHxWxC.astype(self.compute_dtype))
     return logits.astype(jnp.float32), nnx.state(model, nnx.BatchStat)
+
+  def portable(self) -> "Network":
+    """This network on XLA's convolutions, as an exported model holds it.
+
+    XLA's cost analysis sees into it, where it cannot into oneDNN's calls.
+    """
+    return dataclasses.replace(self, convolutions="xla")
 
 
 def create_network(
@@ -83,7 +116,8 @@ def split_model(
 
   With `compute_dtype` bfloat16, layers compute in bfloat16 while parameters
   and batch statistics stay float32 (mixed precision: the optimizer updates
-  float32 master weights, and batch-norm statistics reduce in float32).
+  float32 master weights, and batch-norm statistics reduce in float32). Its
+  convolutions are chosen here, once (`choose_convolutions`).
   """
   for _, module in nnx.iter_modules(model):
     if isinstance(module, (nnx.Conv, nnx.Linear, nnx.BatchNorm)):
@@ -92,4 +126,7 @@ def split_model(
   eval_graph, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   model.train()
   train_graph, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  return Network(name, train_graph, eval_graph, compute_dtype), Variables(params, batch_stats)
+  network = Network(
+      name, train_graph, eval_graph, compute_dtype, choose_convolutions(model, compute_dtype)
+  )
+  return network, Variables(params, batch_stats)

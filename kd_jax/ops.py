@@ -1,14 +1,13 @@
 """Array functions under kd_jax's layers, in the forms XLA:CPU runs fastest.
 
-Batch normalisation (alone or fused with ReLU and the pool), the global average pool,
-the 3x3 convolution (dense or grouped, depthwise included) by oneDNN (`kd_jax.native`),
-the dense one by Winograd's F(2x2, 3x3) or, for few input channels, as one matrix
-product, and the depthwise one as shifted multiply-adds; for inference, the convolution
-with a folded batch norm's bias, a residual and ReLU in one oneDNN call; most with a written
-gradient (BENCHMARKS.md says why each looks as it does), and XLA's own convolutions to set
-beside them. Each equals its plain formulation in values and gradients (tests/test_ops.py,
-tests/test_layers.py). Channels-last arrays throughout. And `after`, which orders two
-computations XLA would otherwise run at once.
+Batch normalisation (alone or fused with ReLU and the pool), the global average pool, and
+the 3x3 convolution (dense or grouped, depthwise included) two ways: XLA's own, and
+oneDNN's (`kd_jax.native`, CPU only), with, for inference, a folded batch norm's bias, a
+residual and ReLU in the same oneDNN call; and the depthwise convolution as shifted
+multiply-adds, the form XLA:CPU runs where oneDNN is not used. Most have a written gradient
+(BENCHMARKS.md says why each looks as it does). Each equals its plain formulation in values
+and gradients (tests/test_ops.py, tests/test_layers.py). Channels-last arrays throughout.
+And `after`, which orders two computations XLA would otherwise run at once.
 """
 
 import functools
@@ -197,7 +196,7 @@ def _pad_hw(x_BxHxWxC: jax.Array) -> jax.Array:
 
 
 def conv3x3_lax(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int = 1) -> jax.Array:
-  """3x3 convolution, padding 1, as XLA's convolution; the usual form on accelerators.
+  """3x3 convolution, padding 1, as XLA's convolution.
 
   The kernel is HWIO with K = C / G input channels for G groups (XLA's
   feature_group_count): K = C is a dense convolution, K = 1 a depthwise one.
@@ -218,7 +217,7 @@ def conv3x3_onednn(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int)
 
   On the teacher's layers oneDNN ran 1.4-4x faster than XLA:CPU's convolution, and
   on the student's depthwise layers forward and backward 3-4x faster than
-  `depthwise_conv_shifted` (BENCHMARKS.md). Only where `native.onednn_conv_available()`.
+  `depthwise_conv_shifted` (BENCHMARKS.md). Only where `native.available()`, on CPU.
 
   Args:
     x_BxHxWxC: input images.
@@ -279,7 +278,7 @@ def conv3x3_bias_onednn(
   Bias, residual and ReLU are applied as the convolution writes its output, which saves a
   pass over it per layer (a frozen teacher's forward pass ran ~15% faster, BENCHMARKS.md).
   Meant for inference; differentiated, it takes the ReLU's mask from its own output and
-  XLA's gradient of the rest. Only where `native.onednn_conv_available()`.
+  XLA's gradient of the rest. Only where `native.available()`, on CPU.
   """
   return native.conv3x3_inference(x_BxHxWxC, kernel_3x3xKxD, bias_D, residual, stride, relu)
 
@@ -300,114 +299,6 @@ def _conv3x3_bias_onednn_backward(stride, relu, residuals, dy):
 
 
 conv3x3_bias_onednn.defvjp(_conv3x3_bias_onednn_forward, _conv3x3_bias_onednn_backward)
-
-
-def conv3x3_column_pairs(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:
-  """3x3 convolution, stride 1, padding 1, for inputs of few channels (an RGB stem).
-
-  Each pair of horizontally adjacent outputs is one row of a single matrix product: the
-  3x4 input patch the two share, times the kernel twice over, shifted by a column. With 3
-  input channels XLA:CPU's convolution ran at ~24 GFLOP/s; this form, at 4/3 of its
-  multiplications, reached ~33 GFLOP/s of the convolution's (BENCHMARKS.md).
-
-  Args:
-    x_BxHxWxC: input images; W even.
-    kernel_3x3xCxD: the filters, HWIO.
-
-  Returns:
-    The convolved images (B, H, W, D), equal to XLA's convolution up to float rounding.
-  """
-  batch, height, width, channels = x_BxHxWxC.shape
-  # Column pairs side by side, x_fold[b, h, q, (s, c)] = x_pad[b, h, 2q + s, c], so that the
-  # patches are six unit-stride slices of 2C channels rather than twelve strided ones of C
-  # (2.7 against 3.3 ms for resnet20's stem, BENCHMARKS.md).
-  x_fold = _pad_hw(x_BxHxWxC).reshape(batch, height + 2, width // 2 + 1, 2 * channels)
-  # patches[b, h, q, (i, j, c)] = x_pad[b, h + i, 2q + j, c]: the patch of outputs 2q, 2q + 1.
-  patches = jnp.concatenate(
-      [x_fold[:, i : i + height, o : o + width // 2, :] for i in range(3) for o in range(2)],
-      axis=-1,
-  )
-  # pair_kernel[i, j, c, p, d] = kernel[i, j - p, c, d]: output 2q + p sees columns p..p+2.
-  pair_kernel = jnp.stack(
-      [jnp.pad(kernel_3x3xCxD, ((0, 0), (p, 1 - p), (0, 0), (0, 0))) for p in range(2)], axis=3
-  )
-  out = patches.reshape(-1, 12 * channels) @ pair_kernel.reshape(12 * channels, -1)
-  return out.reshape(batch, height, width, -1)
-
-
-# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional
-# Neural Networks", 2016): output tile = A^T [(G g G^T) * (B^T d B)] A for each 4x4 input
-# tile d and 3x3 filter g, 16 products per 2x2 outputs instead of 36.
-_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
-_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
-
-
-def _combine(coefficients: tuple[int, ...], terms: list[jax.Array]) -> jax.Array:
-  """sum_i coefficients[i] * terms[i], skipping the zero coefficients."""
-  return sum(c * t for c, t in zip(coefficients, terms) if c)
-
-
-def _transform(left, grid: list[list[jax.Array]], right) -> list[list[jax.Array]]:
-  """out[i][j] = sum_{r,c} left[i][r] * grid[r][c] * right[j][c]: L X R^T over whole arrays."""
-  rows = [
-      [_combine(left_row, [grid_row[c] for grid_row in grid]) for c in range(len(grid[0]))]
-      for left_row in left
-  ]
-  return [[_combine(right_row, row) for right_row in right] for row in rows]
-
-
-@jax.custom_vjp
-def conv3x3_winograd(x_BxHxWxC: jax.Array, kernel_3x3xCxD: jax.Array) -> jax.Array:
-  """3x3 convolution, stride 1, padding 1, by Winograd's F(2x2, 3x3).
-
-  The sixteen products per tile are sixteen matrix products over all tiles at once, and the
-  input and output transforms sums of strided slices that XLA fuses into single passes. On
-  XLA:CPU this beats its 3x3 convolution from 32 channels on (which keeps to one core here);
-  with 16 or fewer channels the products are too narrow (BENCHMARKS.md). The backward pass
-  is XLA's own convolution gradient: autodiff through the transforms was slower.
-
-  Args:
-    x_BxHxWxC: input images; H and W even.
-    kernel_3x3xCxD: the filters, HWIO.
-
-  Returns:
-    The convolved images (B, H, W, D), equal to XLA's convolution up to float rounding.
-  """
-  batch, height, width, channels = x_BxHxWxC.shape
-  tiles_shape = (batch, height // 2, width // 2)
-  x_pad = _pad_hw(x_BxHxWxC)
-  # d[r][c][b, p, q] = x_pad[b, 2p + r, 2q + c]: element (r, c) of every 4x4 input tile.
-  d = [[x_pad[:, r : r + height : 2, c : c + width : 2, :] for c in range(4)] for r in range(4)]
-  tiles_4x4 = _transform(_WINOGRAD_BT, d, _WINOGRAD_BT)
-  # The filter transform G g G^T as sums too: as an einsum XLA:CPU ran it as slow, oddly laid
-  # out matrix products.
-  kernel_grid = [[kernel_3x3xCxD[r, c] for c in range(3)] for r in range(3)]
-  filters_4x4 = _transform(_WINOGRAD_G, kernel_grid, _WINOGRAD_G)
-  products = [
-      [
-          (tile.reshape(-1, channels) @ kernel_CxD).reshape(*tiles_shape, -1)
-          for tile, kernel_CxD in zip(tile_row, filter_row)
-      ]
-      for tile_row, filter_row in zip(tiles_4x4, filters_4x4)
-  ]
-  outputs_2x2 = _transform(_WINOGRAD_AT, products, _WINOGRAD_AT)
-  outputs = [y for row in outputs_2x2 for y in row]
-  # out[:, 2p + a, 2q + b] = outputs[2a + b][:, p, q]; the transpose fuses with the sums above.
-  outputs_2x2xBxPxQxD = jnp.stack(outputs).reshape(2, 2, *outputs[0].shape)
-  return outputs_2x2xBxPxQxD.transpose(2, 3, 0, 4, 1, 5).reshape(batch, height, width, -1)
-
-
-def _conv3x3_winograd_forward(x_BxHxWxC, kernel_3x3xCxD):
-  return conv3x3_winograd(x_BxHxWxC, kernel_3x3xCxD), (x_BxHxWxC, kernel_3x3xCxD)
-
-
-def _conv3x3_winograd_backward(residuals, dy_BxHxWxD):
-  _, conv_vjp = jax.vjp(conv3x3_lax, *residuals)
-  return conv_vjp(dy_BxHxWxD)
-
-
-conv3x3_winograd.defvjp(_conv3x3_winograd_forward, _conv3x3_winograd_backward)
 
 
 def _shifted_sum(
@@ -507,7 +398,8 @@ def after(x: jax.Array, dependency: jax.Array) -> jax.Array:
 
   XLA:CPU runs operations that do not depend on each other at the same time; on a
   few cores that can slow both, as when oneDNN's threads and XLA's share them (the
-  online step runs ~10% faster with its student waiting for the teacher, BENCHMARKS.md).
+  online step runs ~10% faster with its student waiting for the teacher, BENCHMARKS.md),
+  so the train step orders them so on CPU; other devices gain nothing from it.
   Each example of x gains 0 * the sum of its row of `dependency` (both share the
   leading batch axis, so a batch split across devices needs no communication), which
   XLA keeps, as 0 * a is NaN for a non-finite a: a non-finite row turns its example

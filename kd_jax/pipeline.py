@@ -34,7 +34,7 @@ from kd_jax import (
 from kd_jax.data import in_memory, streaming
 from kd_jax.data.placement import TrainingData
 from kd_jax.errors import UserInputError
-from kd_jax.network import Network, Variables, resolve_compute_dtype
+from kd_jax.network import CONVOLUTION_NAMES, Network, Variables, resolve_compute_dtype
 
 CONFIG_FILE = "config.json"
 
@@ -115,7 +115,7 @@ class _Run:
 
     Initialised from the stage's weights file if it names one.
     """
-    return pretrained.create_network(
+    network, variables = pretrained.create_network(
         stage,
         self.config[stage],
         seed=seed,
@@ -123,6 +123,8 @@ class _Run:
         in_channels=self.dataset.image_shape[-1],
         compute_dtype=resolve_compute_dtype(self.config.compute_dtype),
     )
+    logging.info("%s: convolutions: %s", stage, CONVOLUTION_NAMES[network.convolutions])
+    return network, variables
 
   def train(self, stage: train.Stage) -> train.StageResult:
     """Trains (or resumes, or restores a finished) `stage` in its folder of the workdir."""
@@ -336,7 +338,8 @@ def _report(run: _Run, stages: dict, seed_runs: dict, stored_logits: dict | None
   config = run.config
   models, predictions = {}, {}
   for name, (network, stage_run) in stages.items():
-    logits, summary = _summarise(network, stage_run.variables, run)
+    # The student's entry also times its export, which a user ships.
+    logits, summary = _summarise(network, stage_run.variables, run, exported=name == "student")
     predictions[name] = logits.argmax(-1)
     models[name] = report.model_entry(summary, stage_run, network.name)
   agreement = None
@@ -358,8 +361,10 @@ def _report(run: _Run, stages: dict, seed_runs: dict, stored_logits: dict | None
   return report.assemble(dataset, devices, models, agreement, stored_logits, seeds)
 
 
-def _summarise(network: Network, variables: Variables, run: _Run) -> tuple[np.ndarray, dict]:
-  """Test logits, and the test results and costs of one trained model."""
+def _summarise(
+    network: Network, variables: Variables, run: _Run, *, exported: bool
+) -> tuple[np.ndarray, dict]:
+  """Test logits, and the test results and costs of one trained model (and of its export)."""
   training, config = run.data, run.config
   logits, labels = training.predict(
       evaluate.jit_forward(network, training.mean_C, training.std_C, run.mesh),
@@ -373,12 +378,13 @@ def _summarise(network: Network, variables: Variables, run: _Run) -> tuple[np.nd
   }
   summary.update(
       evaluate.measure_efficiency(
-          evaluate.make_forward(network, training.mean_C, training.std_C),
+          network,
           variables,
           training.image_shape,
-          batch_size=config.eval.batch_size,
-          latency_repeats=config.eval.latency_repeats,
-          throughput_repeats=config.eval.throughput_repeats,
+          config.eval,
+          mean_C=training.mean_C,
+          std_C=training.std_C,
+          exported=exported,
       )
   )
   return logits, summary

@@ -66,7 +66,8 @@ def make_train_step(
     teacher_logits_BxC = None
     if teacher is not None:
       teacher_logits_BxC = teacher.logits(teacher_variables, batch, x)
-      x = ops.after(x, teacher_logits_BxC)  # teacher, then student: see ops.after
+      if jax.default_backend() == "cpu":  # teacher, then student: see ops.after
+        x = ops.after(x, teacher_logits_BxC)
 
     def loss_fn(params):
       logits_BxC, batch_stats = network.apply(

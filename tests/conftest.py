@@ -31,7 +31,7 @@ MID_EPOCH_SAVES = {"checkpoint.every_steps": 5}
 # Tests of kd_jax's native oneDNN convolution; without the built library (no C++ compiler)
 # kd_jax runs on XLA's convolutions and these are skipped, saying why.
 requires_native = pytest.mark.skipif(
-    not native.onednn_conv_available(),
+    not native.available(),
     reason="kd_jax's native library is not built (needs a C++ compiler; `make` builds it): "
     "CPU convolutions stay XLA's",
 )

@@ -1,4 +1,4 @@
-"""Tests for kd_jax.layers: the modules against nnx's and XLA's, and the CPU paths they take."""
+"""Tests for kd_jax.layers: the modules against nnx's and XLA's, on either convolutions."""
 
 import jax
 import jax.numpy as jnp
@@ -7,21 +7,26 @@ import pytest
 from flax import nnx
 
 from conftest import normal, random_cotangent, requires_native, values_and_grads
-from kd_jax import layers, native, ops
+from kd_jax import layers, ops
 
 _TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _lowers_to_convolution(fn, x, platform):
   """Whether fn, lowered for `platform` (as kd_jax.export does), holds an XLA convolution."""
-  # A fresh function each time: jit would reuse a trace made outside or inside native.portable().
-  exported = jax.export.export(jax.jit(lambda x: fn(x)), platforms=(platform,))(x)
+  exported = jax.export.export(jax.jit(fn), platforms=(platform,))(x)
   return "stablehlo.convolution" in exported.mlir_module()
 
 
-def _calls_onednn(fn, x):
-  """Whether fn, lowered for this machine's CPU, calls kd_jax's oneDNN convolution."""
-  return "kd_jax_onednn_conv3x3" in jax.jit(lambda x: fn(x)).lower(x).as_text()
+def _calls_onednn(fn, *args, target="kd_jax_onednn_conv3x3"):
+  """Whether fn, lowered for this machine's CPU, calls kd_jax's oneDNN convolution `target`."""
+  return target in jax.jit(fn).lower(*args).as_text()
+
+
+def _on(layer, convolutions):
+  """`layer` with its 3x3 convolutions set to `convolutions`, as a network sets them."""
+  layers.use_convolutions(layer, convolutions)
+  return layer
 
 
 def test_depthwise_module_matches_grouped_conv_and_nnx_conv_init():
@@ -30,15 +35,20 @@ def test_depthwise_module_matches_grouped_conv_and_nnx_conv_init():
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
   x = normal((2, 9, 9, 4))
   expected = ops.conv3x3_lax(x, layer.kernel[...], 2)
+  # XLA's: the shifted sum on CPU, the grouped convolution on other platforms.
+  assert layer.convolutions == "xla"
   np.testing.assert_allclose(layer(x), expected, **_TOL)
-  # On CPU oneDNN's convolution where built, else the shifted sum; XLA's grouped convolution
-  # elsewhere.
-  assert _calls_onednn(layer, x) == native.onednn_conv_available()
-  with native.portable():
-    assert not _calls_onednn(layer, x)
-    np.testing.assert_allclose(layer(x), expected, **_TOL)
-    assert not _lowers_to_convolution(layer, x, "cpu")
-    assert _lowers_to_convolution(layer, x, "cuda")
+  assert not _calls_onednn(layer, x)
+  assert not _lowers_to_convolution(layer, x, "cpu")
+  assert _lowers_to_convolution(layer, x, "cuda")
+
+
+@requires_native
+def test_depthwise_module_on_onednn_matches_grouped_conv():
+  layer = _on(layers.DepthwiseConv(4, strides=2, rngs=nnx.Rngs(0)), "onednn")
+  x = normal((2, 9, 9, 4))
+  np.testing.assert_allclose(layer(x), ops.conv3x3_lax(x, layer.kernel[...], 2), **_TOL)
+  assert _calls_onednn(layer, x)
 
 
 def _pointwise_via_lax(x, kernel, stride):
@@ -72,68 +82,85 @@ def test_pointwise_init_and_size_match_nnx_conv():
 
 
 @pytest.mark.parametrize(
-    "cin, cout, strides, size, cpu_form",
-    [
-        (20, 24, 1, 64, True),  # Winograd's
-        (16, 16, 1, 64, False),
-        (20, 24, 2, 64, False),
-        (20, 24, 1, 63, False),
-        (20, 24, 1, 62, False),  # 1,922 output tiles, too few to pay
-        (3, 16, 1, 10, True),  # column pairs
-        (3, 16, 1, 9, False),
-        (3, 16, 2, 10, False),
-        (5, 8, 1, 10, False),
-    ],
+    "convolutions", ["xla", pytest.param("onednn", marks=requires_native)]
 )
-def test_conv3x3_matches_nnx_conv_and_takes_a_cpu_form_where_it_pays(
-    cin, cout, strides, size, cpu_form
-):
-  layer = layers.conv3x3(cin, cout, strides=strides, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("cin, cout, strides, size", [(3, 16, 1, 10), (20, 24, 2, 9)])
+def test_conv3x3_matches_nnx_conv_either_way(convolutions, cin, cout, strides, size):
+  layer = _on(layers.conv3x3(cin, cout, strides=strides, rngs=nnx.Rngs(0)), convolutions)
   reference = nnx.Conv(
       cin, cout, (3, 3), strides, padding=((1, 1), (1, 1)), use_bias=False, rngs=nnx.Rngs(0)
   )
   np.testing.assert_array_equal(layer.kernel[...], reference.kernel[...])
   x = normal((2, size, size, cin))
-  np.testing.assert_allclose(layer(x), reference(x), rtol=1e-5, atol=1e-4)
-  # On CPU, every float32 layer calls oneDNN's convolution where kd_jax.native is built.
-  assert _calls_onednn(layer, x) == native.onednn_conv_available()
-  # Without it, stride-1 even-width layers of at most 4 input channels take the column-pair
-  # product; stride-1, even-sized, wider than 16-channel ones with enough tiles Winograd's.
-  with native.portable():
-    assert not _calls_onednn(layer, x)
-    assert _lowers_to_convolution(layer, x, "cpu") != cpu_form
-    assert _lowers_to_convolution(layer, x, "cuda")
+  cotangent = random_cotangent(reference(x).shape)
+
+  def values_and_grads(conv):
+    return nnx.value_and_grad(lambda conv, x: jnp.sum(conv(x) * cotangent), argnums=(0, 1))(
+        conv, x
+    )
+
+  (value, (grads, dx)), (value_ref, (grads_ref, dx_ref)) = map(
+      values_and_grads, (layer, reference)
+  )
+  np.testing.assert_allclose(value, value_ref, rtol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(grads["kernel"][...], grads_ref["kernel"][...], rtol=1e-5, atol=1e-4)
+  # XLA's convolution on every platform, or oneDNN's.
+  assert _calls_onednn(layer, x) == (convolutions == "onednn")
+  if convolutions == "xla":
+    assert _lowers_to_convolution(layer, x, "cpu") and _lowers_to_convolution(layer, x, "cuda")
 
 
-@requires_native
-@pytest.mark.parametrize("strides, with_residual", [(1, True), (2, False)])
-def test_conv_bn_in_inference_is_one_onednn_call_equal_to_the_modules(strides, with_residual):
-  conv = layers.conv3x3(6, 8, strides=strides, rngs=nnx.Rngs(0))
+def _conv_of_kind(kind, strides):
+  """A bias-free convolution of `kind` to 8 channels, from 8 (depthwise) or 6 channels."""
+  if kind == "dense":
+    return layers.conv3x3(6, 8, strides=strides, rngs=nnx.Rngs(0))
+  if kind == "depthwise":
+    return layers.DepthwiseConv(8, strides=strides, rngs=nnx.Rngs(0))
+  return layers.PointwiseConv(6, 8, strides=strides, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "convolutions", ["xla", pytest.param("onednn", marks=requires_native)]
+)
+@pytest.mark.parametrize(
+    "kind, strides, activation, with_residual",
+    [
+        ("dense", 1, "relu", True),
+        ("dense", 2, None, False),
+        ("depthwise", 1, "relu", True),
+        ("depthwise", 2, "relu6", False),
+        ("pointwise", 1, "relu", True),
+    ],
+)
+def test_conv_bn_equals_the_modules_and_folds_into_onednn_in_inference(
+    convolutions, kind, strides, activation, with_residual
+):
+  conv = _on(_conv_of_kind(kind, strides), convolutions)
   bn = layers.batch_norm(8, rngs=nnx.Rngs(0))
   bn.scale[...] = jnp.asarray(normal((8,), seed=3)) + 2.0
   bn.bias[...] = jnp.asarray(normal((8,), seed=4))
   bn.mean[...], bn.var[...] = jnp.full((8,), 0.5), jnp.full((8,), 2.0)
-  x = normal((2, 8, 8, 6))
+  # Large enough that ReLU6 clips some outputs.
+  x = normal((2, 8, 8, 8 if kind == "depthwise" else 6)) * 4.0
   residual = normal((2, 8 // strides, 8 // strides, 8), seed=5) if with_residual else None
-
-  def conv_bn(modules, x):
-    return layers.conv_bn(*modules, x, relu=True, residual=residual)
-
-  def lowered(x):
-    # A fresh function each time: jit would reuse a trace made outside or inside portable().
-    graphdef, state = nnx.split((conv, bn))
-    return jax.jit(lambda state, x: conv_bn(nnx.merge(graphdef, state), x)).lower(state, x)
 
   for mode in ("train", "eval"):
     getattr(bn, mode)()
+    graphdef, state = nnx.split((conv, bn))
+
+    def conv_bn(state, x, graphdef=graphdef):
+      modules = nnx.merge(graphdef, state)
+      return layers.conv_bn(*modules, x, activation=activation, residual=residual)
+
     y = bn(conv(x))
-    expected = nnx.relu(y if residual is None else y + residual)
-    np.testing.assert_allclose(conv_bn((conv, bn), x), expected, rtol=1e-5, atol=1e-4)
-    # Batch norm folded into oneDNN's convolution in inference only, and not when portable.
-    calls = "kd_jax_onednn_conv3x3_inference" in lowered(x).as_text()
-    assert calls == (mode == "eval")
-    with native.portable():
-      assert "kd_jax_onednn" not in lowered(x).as_text()
+    y = y if residual is None else y + residual
+    expected = {None: y, "relu": nnx.relu(y), "relu6": nnx.relu6(y)}[activation]
+    np.testing.assert_allclose(conv_bn(state, x), expected, rtol=1e-5, atol=1e-4)
+    # The batch norm is folded into oneDNN's 3x3 convolutions in inference, and only there.
+    folds = mode == "eval" and convolutions == "onednn" and kind != "pointwise"
+    target = "kd_jax_onednn_conv3x3_inference"
+    assert _calls_onednn(conv_bn, state, x, target=target) == folds
 
 
 def _batch_norm_pair(features):

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
-from kd_jax import models, network
+from kd_jax import models, native, network
 from kd_jax.errors import UserInputError
 
 
@@ -187,6 +187,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_logits(name):
   full, variables = network.create_network(name, **shapes)
   mixed, mixed_variables = network.create_network(name, compute_dtype="bfloat16", **shapes)
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(mixed_variables))
+  assert mixed.convolutions == "xla"  # oneDNN's are float32 only
   images = jax.random.uniform(jax.random.key(0), (4, 8, 8, 3))
 
   # Jitted: op-by-op bfloat16 on a CPU is slow.
@@ -201,7 +202,7 @@ def test_bfloat16_compute_keeps_float32_weights_and_logits(name):
     ].sum()
 
   # Every convolution and matrix product runs on bfloat16 operands, forward and
-  # backward, in every branch of every platform choice: XLA's own and the CPU paths.
+  # backward, in both branches of the depthwise layers' platform choice too.
   forward = jax.make_jaxpr(lambda v: mixed.apply(v, images, train=True))(variables)
   backward = jax.make_jaxpr(jax.grad(loss))(variables.params)
   for program in (forward.jaxpr, backward.jaxpr):
@@ -214,12 +215,33 @@ def test_bfloat16_compute_keeps_float32_weights_and_logits(name):
         for e in _equations(branch.jaxpr)
         if e.primitive.name in PRODUCTS
     ]
-    assert in_branches  # the walk reached inside the platform choices
+    assert bool(in_branches) == (name == "dsconv_student")  # the walk reached inside
     assert all(v.aval.dtype == jnp.bfloat16 for e in products for v in e.invars)
 
   # Gradients reach the float32 master weights as float32.
   grads = jax.jit(jax.grad(loss))(variables.params)
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def test_network_runs_the_convolutions_chosen_for_it_and_portable_ones_equal():
+  shapes = dict(num_classes=10, in_channels=3, seed=0)
+  net, variables = network.create_network("resnet8", **shapes)
+  # One CPU device, float32: oneDNN's wherever kd_jax.native is built.
+  assert net.convolutions == ("onednn" if native.available() else "xla")
+  portable = net.portable()
+  assert portable.convolutions == "xla"
+  images = _normal((2, 8, 8, 3))
+  for train in (True, False):
+    logits = []
+    for each in (net, portable):
+      forward = jax.jit(lambda v, each=each: each.apply(v, images, train=train)[0])
+      calls_onednn = "kd_jax_onednn" in forward.lower(variables).as_text()
+      assert calls_onednn == (each.convolutions == "onednn")
+      logits.append(forward(variables))
+    np.testing.assert_allclose(*logits, rtol=1e-5, atol=1e-5)
+  # A model without kd_jax's 3x3 layers (a user's, of nnx.Conv) runs XLA's, and says so.
+  own = nnx.Sequential(nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0)))
+  assert network.split_model("own", own)[0].convolutions == "xla"
 
 
 def test_auto_compute_dtype_is_float32_on_cpu_and_unknown_names_are_refused():

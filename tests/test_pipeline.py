@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 
 from configs import imagenet_r34_r18
 from conftest import ROOT, small_config
-from kd_jax import pipeline
+from kd_jax import native, pipeline
 from kd_jax.errors import UserInputError
 
 pytestmark = pytest.mark.slow  # full pipeline runs and launch.py processes
@@ -38,6 +38,12 @@ def test_report_has_every_field(quickstart_run):
     assert 0.0 <= on_disk[name]["top1"] <= on_disk[name]["top5"] <= 1.0
     assert on_disk[name]["flops"] > 0 and on_disk[name]["latency_ms"] > 0
     assert on_disk[name]["compute_dtype"] == "float32"  # auto on a CPU
+    # One CPU device: oneDNN's convolutions wherever kd_jax.native is built.
+    assert on_disk[name]["convolutions"] == ("oneDNN (CPU)" if native.available() else "XLA")
+  # The student's export, on XLA's convolutions, is timed too.
+  assert on_disk["student"]["exported_latency_ms"] > 0
+  assert on_disk["student"]["exported_throughput"] > 0
+  assert "exported_latency_ms" not in on_disk["teacher"]
   assert set(on_disk["comparison"]) >= COMPARISON_KEYS
   assert on_disk["teacher"]["params"] > on_disk["student"]["params"]
   assert on_disk["comparison"]["size_reduction"] == pytest.approx(

@@ -92,6 +92,7 @@ def test_markdown_shows_the_numbers_of_the_report():
       learning_rate=0.01,
       devices=1,
       compute_dtype="float32",
+      convolutions="oneDNN (CPU)",
       epoch_time_s=1.0,
       wall_time_s=4.0,
   )
@@ -99,12 +100,16 @@ def test_markdown_shows_the_numbers_of_the_report():
       "dataset": {"name": "digits", "num_train": 1437, "num_test": 360, "num_classes": 10},
       "devices": "1 x cpu",
       "teacher": {**entry, **TEACHER},
-      "student": {**entry, **STUDENT},
+      "student": {**entry, **STUDENT, "exported_latency_ms": 0.75, "exported_throughput": 4000.0},
       "seeds": {"student": report.summarise_runs([0.7, 0.9], [0.8, 0.9], [0, 1])},
       "comparison": report.compare(TEACHER, STUDENT, None, 0.85),
   }
   lines = report.to_markdown(results).splitlines()
   assert "| top-1 (last epoch) | 0.9000 | 0.8000 |" in lines
+  # Which convolutions the speeds were timed on; the export's only for the student.
+  assert "| convolutions (timed) | oneDNN (CPU) | oneDNN (CPU) |" in lines
+  assert "| latency ms (batch 1) | 2.000 | 0.500 |" in lines
+  assert "| exported, XLA's convolutions: images/s | n/a | 4,000 |" in lines
   assert "| size reduction (teacher bytes / student bytes) | 8.00x |" in lines
   assert "| KD gain (student top-1 - baseline top-1) | n/a |" in lines
   assert "| student | 0.8000 ± 0.1414 | 0.8500 ± 0.0707 | 0.7000, 0.9000 |" in lines

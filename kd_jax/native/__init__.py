@@ -5,11 +5,10 @@ XLA:CPU's own 3x3 convolutions run 1.4-4x slower than oneDNN's on the teacher's 
 and kd_jax's depthwise ones (forward and backward) 3-4x slower on the student's
 (BENCHMARKS.md). `python -m kd_jax.native.build` compiles onednn_conv.cc against the
 oneDNN wheels in requirements.txt; where it has not been built (or cannot load), kd_jax
-keeps to XLA's operations and runs the same, only slower.
+keeps to XLA's operations and runs the same, only slower. Whether a network calls it is
+decided once, when the network is built (`kd_jax.network.choose_convolutions`).
 """
 
-import contextlib
-import contextvars
 import ctypes
 import functools
 import os
@@ -27,12 +26,11 @@ _TARGETS = {
     "kd_jax_onednn_conv3x3_inference": "KdJaxOnednnConv3x3Inference",
     "kd_jax_onednn_conv3x3_inference_residual": "KdJaxOnednnConv3x3InferenceResidual",
 }
-_portable = contextvars.ContextVar("kd_jax_native_portable", default=False)
 
 
 @functools.cache
-def _registered() -> bool:
-  """Loads the library and registers its handlers with XLA, once; False if it is not there."""
+def available() -> bool:
+  """Whether the library is built; loads it and registers its handlers with XLA, once."""
   if not os.path.exists(LIBRARY):
     logging.info("kd_jax: %s not built; CPU convolutions stay XLA's", LIBRARY)
     return False
@@ -46,30 +44,10 @@ def _registered() -> bool:
   return True
 
 
-def onednn_conv_available() -> bool:
-  """Whether a model traced now may call oneDNN's convolution on CPU.
-
-  Needs the built library, a single device (the call has no rule for splitting a
-  sharded batch, which XLA would otherwise gather onto every device) and no
-  `portable()` around the tracing.
-  """
-  return not _portable.get() and jax.device_count() == 1 and _registered()
-
-
-@contextlib.contextmanager
-def portable():
-  """Models traced inside use XLA's operations only, as a saved or exported model must."""
-  token = _portable.set(True)
-  try:
-    yield
-  finally:
-    _portable.reset(token)
-
-
 def _call(
     target: str, out_shape: tuple, *arrays: jax.Array, stride: int, **attributes
 ) -> jax.Array:
-  if not _registered():
+  if not available():
     raise RuntimeError(f"{LIBRARY} is not built: run python -m kd_jax.native.build")
   out = jax.ShapeDtypeStruct(out_shape, arrays[0].dtype)
   return jax.ffi.ffi_call(target, out)(*arrays, stride=np.int64(stride), **attributes)
@@ -85,7 +63,7 @@ def conv3x3(x_BxHxWxC: jax.Array, kernel_3x3xKxD: jax.Array, stride: int) -> jax
 
   The kernel is HWIO with K = C / G input channels for G groups, as XLA's
   feature_group_count (K = 1: depthwise). No derivative rule of its own
-  (`ops.conv3x3_onednn` has one); call where `onednn_conv_available()`.
+  (`ops.conv3x3_onednn` has one); call where `available()`.
   """
   out_shape = _conv3x3_out_shape(x_BxHxWxC.shape, kernel_3x3xKxD, stride)
   return _call("kd_jax_onednn_conv3x3", out_shape, x_BxHxWxC, kernel_3x3xKxD, stride=stride)
