@@ -127,8 +127,8 @@ def get_config() -> ml_collections.ConfigDict:
       )
   )
 
-  # The distilled student as model.jax (jax.export) and a TF SavedModel, in
-  # <workdir>/export/student, for serving without kd_jax.
+  # The distilled student as model.jax (jax.export) and, where TensorFlow is installed,
+  # a TF SavedModel, in <workdir>/export/student, for serving without kd_jax.
   config.export = ml_collections.ConfigDict(dict(enabled=True))
 
   config.eval = ml_collections.ConfigDict(

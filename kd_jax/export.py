@@ -6,7 +6,9 @@
   saved_model/     the same function as a TensorFlow SavedModel, for TF Serving
                    and other TensorFlow runtimes (the graph holds the StableHLO
                    in an XlaCallModule op: load it with a TensorFlow as recent
-                   as the one that wrote it; 2.21 here).
+                   as the one that wrote it; 2.21 here). Written where
+                   TensorFlow is installed; without it the export says so in
+                   one log line and holds the other two files.
   preprocess.json  how to turn a picture into the model's input, and class names.
 
 Both artifacts are the model alone, in inference mode, with its weights baked
@@ -23,6 +25,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from kd_jax.network import Network, Variables
 
@@ -75,10 +78,23 @@ def _write_jax_export(
 def _write_saved_model(
     infer: Callable, image_shape: tuple, platforms: Sequence[str], path: str
 ) -> None:
-  """Saves `infer` as a SavedModel whose `serving_default` maps images to logits."""
-  # TensorFlow takes seconds to import; only exporting needs it.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  """Saves `infer` as a SavedModel whose `serving_default` maps images to logits.
+
+  Where TensorFlow is not installed, says so in one log line instead.
+  """
+  # TensorFlow takes seconds to import; only this needs it.
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    logging.warning(
+        "export: no %s/ since %s is not installed (pip install tensorflow-cpu for one); "
+        "%s serves the model without it",
+        SAVED_MODEL_DIR,
+        e.name or "tensorflow",
+        MODEL_FILE,
+    )
+    return
 
   infer_tf = jax2tf.convert(
       infer,
@@ -148,7 +164,7 @@ def export_model(
     class_names: Sequence[str],
     out_dir: str,
 ) -> None:
-  """Writes model.jax, saved_model/ and preprocess.json into `out_dir`.
+  """Writes model.jax, saved_model/ (given TensorFlow) and preprocess.json into `out_dir`.
 
   Everything is written to a temporary folder beside `out_dir` and renamed into
   place at the end, so `out_dir` never holds a half-written export; an

@@ -31,7 +31,7 @@ from kd_jax import (
     teachers,
     train,
 )
-from kd_jax.data import in_memory, streaming
+from kd_jax.data import in_memory
 from kd_jax.data.placement import TrainingData
 from kd_jax.errors import UserInputError
 from kd_jax.network import CONVOLUTION_NAMES, Network, Variables, resolve_compute_dtype
@@ -175,6 +175,9 @@ def _load_data(config, mesh) -> tuple[data.Dataset | data.StreamedDataset, Train
         "data.in_memory=auto holds this dataset in memory; set data.in_memory=false"
     )
   if streamed:
+    # Imported only to stream: it needs grain, which an in-memory run can go without.
+    from kd_jax.data import streaming  # pylint: disable=g-import-not-at-top
+
     dataset = data.open_dataset(config.data, jax.process_index(), jax.process_count())
   else:
     dataset = data.load_dataset(config.data, jax.process_index(), jax.process_count())

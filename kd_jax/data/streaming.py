@@ -25,7 +25,6 @@ stream at its step and goes on exactly as if never stopped.
 import os
 from typing import Any, Callable, Iterator
 
-import grain
 import jax
 import numpy as np
 from tqdm import tqdm
@@ -35,6 +34,15 @@ from kd_jax.data import StreamedDataset, resize
 from kd_jax.data import augment as augment_lib
 from kd_jax.errors import UserInputError
 from kd_jax.data.placement import RowLayout, epoch_indices
+
+try:
+  import grain  # pylint: disable=g-import-not-at-top
+except ImportError as e:  # kd_jax imports this module only for a streamed run
+  raise UserInputError(
+      "streaming the data (data.in_memory=false, or auto with data too big for memory) needs "
+      f"the {e.name or 'grain'} package, which is not installed: pip install grain, "
+      "or set data.in_memory=true"
+  ) from None
 
 
 def stream_order(

@@ -12,11 +12,18 @@ import threading
 
 import cv2
 import numpy as np
-import tensorflow_datasets as tfds
 
 from kd_jax.data import Dataset
 from kd_jax.data import resize
 from kd_jax.errors import UserInputError
+
+try:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+except ImportError as e:  # kd_jax imports this module only for data.source='tfds'
+  raise UserInputError(
+      f"data.source='tfds' needs the {e.name or 'tensorflow_datasets'} package, which is not "
+      "installed: pip install tensorflow-cpu tensorflow-datasets, or use data.source=folder"
+  ) from None
 
 _PROBE_ADDRESS = ("storage.googleapis.com", 443)
 _PROBE_TIMEOUT_S = 5.0
