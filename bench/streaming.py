@@ -3,8 +3,9 @@
 On an image-folder tree (the CIFAR-10 tree, or its 224 x 224 copy from
 bench/upscale_tree.py), with the config's defaults (one decoding thread per
 core, two batches in flight to the devices), prints:
-  pipeline        images/s of kd_jax.data.streaming alone: decode, augment on the
-                  host, send to the device; batches consumed, no training
+  pipeline        images/s of kd_jax.data.streaming alone: decode and resize (or,
+                  for resized_crop_flip, crop) on the host, send to the device;
+                  batches consumed, no training
   streamed step   ms per train step fed by the stream
   in-memory step  ms per train step fed from device memory (--in_memory_too)
 and, last, one JSON object with the numbers.

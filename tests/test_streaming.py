@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import small_config
-from kd_jax import data, parallel, pipeline
+from configs import default
+from kd_jax import data, optim, parallel, pipeline, train
 from kd_jax.data import in_memory, placement, streaming
-from kd_jax.data import augment
 from kd_jax.errors import UserInputError
+from kd_jax.network import create_network
 
 SIZE = 8
 
@@ -116,11 +117,12 @@ def test_streamed_batches_are_the_in_memory_batches(request, kind, tree, image_s
     )
     for position, (held, read) in enumerate(pairs, start):
       np.testing.assert_array_equal(read["label"], held["label"])
-      # What the student sees: augmented in the step (in memory) or on the host (streamed).
+      # What the student sees: augmented in the step, or (resized crops) cropped on the host.
       step = epoch * steps + position
       expected = held_data.student_view(seed, step, held["image"])
       got = streamed.student_view(seed, step, read["image"])
       if kind == "crop_flip":
+        np.testing.assert_array_equal(read["image"], held["image"])
         np.testing.assert_array_equal(got, expected)
       else:
         got, expected = _pixels(streamed, got), _pixels(held_data, expected)
@@ -135,6 +137,29 @@ def test_streamed_batches_are_the_in_memory_batches(request, kind, tree, image_s
     read_logits, read_labels = streamed.predict(forward, None, split, 16)
     np.testing.assert_array_equal(read_labels, held_labels)
     np.testing.assert_array_equal(read_logits, held_logits)
+
+
+def test_both_kinds_feed_one_train_step_program(photo_tree):
+  # Two programs (one augmenting in the step, one fed augmented images) are
+  # fused differently by the compiler; on 4 CPU devices their losses parted
+  # from the second step, and training amplifies that. One program, the same
+  # batches: the same numbers, wherever the backend is deterministic.
+  config = _data_config(photo_tree, image_size=0)
+  mesh = parallel.make_mesh()
+  network, variables = create_network(
+      "dsconv_student", num_classes=3, in_channels=3, seed=0, width_multiplier=0.25
+  )
+  optimizer = optim.make_optimizer(default.optimizer_config(name="sgd"), 4, 1, 8)
+  state = train.TrainState(np.int32(0), variables, optimizer.init(variables.params))
+  programs = []
+  for kind in (
+      in_memory.put_on_device(data.load_dataset(config), mesh, config),
+      streaming.StreamedData(data.open_dataset(config), mesh, config),
+  ):
+    step = train.make_train_step(network, optimizer, kind, seed=3, mesh=mesh)
+    batch = next(kind.train_batches(3, 0, 0, 8))
+    programs.append(step.lower(state, batch, None).as_text())
+  assert programs[1] == programs[0]
 
 
 def test_stream_order_splits_processes_and_matches_one_process():
@@ -175,18 +200,21 @@ def _history(workdir, stage):
     return [json.loads(line) for line in f]
 
 
+def _without_times(history):
+  return [{k: v for k, v in epoch.items() if k != "epoch_time_s"} for epoch in history]
+
+
 @pytest.mark.slow
 def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(photo_tree, tmp_path):
   held = pipeline.train_and_evaluate(_run_config(photo_tree, "true"), str(tmp_path / "m"))
   streamed_config = _run_config(photo_tree, "false")
   streamed = pipeline.train_and_evaluate(streamed_config, str(tmp_path / "s"))
-  # Teacher and student, epoch by epoch, from the first: the same training.
+  # Teacher and student, epoch by epoch, to the last bit: the same training.
   for stage in ("teacher", "student"):
     assert streamed[stage]["top1"] == held[stage]["top1"]
-    pairs = zip(_history(tmp_path / "s", stage), _history(tmp_path / "m", stage), strict=True)
-    for a, b in pairs:
-      assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-      assert a["test_top1"] == b["test_top1"]
+    assert _without_times(_history(tmp_path / "s", stage)) == _without_times(
+        _history(tmp_path / "m", stage)
+    )
 
   # Interrupted after step 6 of the student's 8 (mid-way through its second
   # epoch): only what was written up to there remains. The rerun resumes there.
@@ -204,10 +232,7 @@ def test_streamed_run_equals_in_memory_run_and_resumes_mid_epoch(photo_tree, tmp
   assert again["student"]["top1"] == streamed["student"]["top1"]
 
   # One epoch added (a restart from scratch would have added two), as before.
-  def without_times(history):
-    return [{k: v for k, v in epoch.items() if k != "epoch_time_s"} for epoch in history]
-
-  assert without_times(_history(resumed, "student")) == without_times(
+  assert _without_times(_history(resumed, "student")) == _without_times(
       _history(tmp_path / "s", "student")
   )
 

@@ -1,10 +1,12 @@
 """Augmentation and normalisation of uint8 image batches.
 
-For data held in memory they run inside the jitted train step, so the dataset
-crosses to the device once, as uint8, and each step costs no host work; a
-streamed pipeline applies the same decisions on the host (`draws_on_host`,
-`Augmentation.apply_host`). Randomness comes from a key derived from
-(seed, step), which makes every run reproducible.
+They run inside the jitted train step (`view`), for data held in memory and
+streamed alike: the step is one program whichever kind feeds it, so both
+train to the same numbers, on every backend, and each step costs no host
+work. Only a resized crop, which must see the image at its own resolution,
+is made on the host when streamed (`draws_on_host`, `Augmentation.apply_host`).
+Randomness comes from a key derived from (seed, step), which makes every run
+reproducible.
 """
 
 import dataclasses
@@ -83,19 +85,27 @@ class Augmentation:
   """A random augmentation whose per-image decisions are drawn once and applied anywhere.
 
   `draw(key, batch)` gives a batch's decisions as arrays with the batch first;
-  `apply(images, draws)` applies them on the device to a batch of uint8 images;
-  `apply_host(image, draw, size)` applies one image's decisions with OpenCV
-  and NumPy to one decoded image of any size, giving size x size uint8, which
-  is what a streamed pipeline does. Calling it, `augmentation(key, images)`,
-  draws and applies on the device in one go.
+  `apply(images, draws)` applies them on the device to a batch of uint8
+  images. Calling it, `augmentation(key, images)`, draws and applies on the
+  device in one go. `apply_host(image, draw, size)`, set only where the
+  decisions must meet each image at its own resolution (a resized crop),
+  applies one image's decisions with OpenCV and NumPy, giving size x size
+  uint8: a streamed pipeline then augments on the host instead.
   """
 
   draw: Callable[[jax.Array, int], dict[str, jax.Array]]
   apply: Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
-  apply_host: Callable[[np.ndarray, dict[str, np.ndarray], int], np.ndarray]
+  apply_host: Callable[[np.ndarray, dict[str, np.ndarray], int], np.ndarray] | None = None
 
   def __call__(self, key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
     return self.apply(images_BxHxWxC, self.draw(key, images_BxHxWxC.shape[0]))
+
+
+def view(
+    augmentation: Augmentation, seed: int, step, images_BxHxWxC: jax.Array, mean_C, std_C
+) -> jax.Array:
+  """The student's view at `step`: the batch augmented with (seed, step)'s draws, normalised."""
+  return normalize(augmentation(step_key(seed, step), images_BxHxWxC), mean_C, std_C)
 
 
 def crop_flip_draws(key: jax.Array, batch: int) -> dict[str, jax.Array]:
@@ -122,16 +132,6 @@ def crop_flip(images_BxHxWxC: jax.Array, draws: dict[str, jax.Array]) -> jax.Arr
     return jnp.where(flip, crop[:, ::-1], crop)
 
   return jax.vmap(crop_one)(padded, draws["offset_Bx2"], draws["flip_B"])
-
-
-def crop_flip_host(image: np.ndarray, draw: dict[str, np.ndarray], size: int) -> np.ndarray:
-  """`crop_flip` of one image, resized to size x size first as in-memory data is."""
-  image = resize.resize_image(image, size, size)
-  p = CROP_PADDING
-  padded = np.pad(image, ((p, p), (p, p), (0, 0)))
-  top, left = draw["offset_Bx2"]
-  crop = padded[top : top + size, left : left + size]
-  return np.ascontiguousarray(crop[:, ::-1] if draw["flip_B"] else crop)
 
 
 def random_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
@@ -223,15 +223,11 @@ def random_resized_crop_flip(key: jax.Array, images_BxHxWxC: jax.Array) -> jax.A
 
 
 AUGMENTATIONS = {
-    "crop_flip": Augmentation(crop_flip_draws, crop_flip, crop_flip_host),
+    "crop_flip": Augmentation(crop_flip_draws, crop_flip),
     "resized_crop_flip": Augmentation(
         resized_crop_draws, resized_crop_flip, resized_crop_flip_host
     ),
-    "none": Augmentation(
-        lambda key, batch: {},
-        lambda images, draws: images,
-        lambda image, draw, size: resize.resize_image(image, size, size),
-    ),
+    "none": Augmentation(lambda key, batch: {}, lambda images, draws: images),
 }
 
 
@@ -251,8 +247,8 @@ def draws_on_host(kind: str, seed: int, step: int, batch: int) -> dict[str, np.n
   """The decisions the device would draw for `step`, computed on the CPU, as NumPy arrays.
 
   JAX's random bits do not depend on the backend, so a streamed pipeline
-  that applies them on the host makes the same decisions as the in-memory
-  path makes inside its train step.
+  that crops on the host (`Augmentation.apply_host`) makes the decisions
+  that the in-memory path makes inside its train step.
   """
   step = jax.device_put(np.int32(step), jax.devices("cpu")[0])
   return jax.device_get(_draw_on_cpu(kind, seed, batch)(step))

@@ -54,8 +54,7 @@ class DeviceData:
 
   def student_view(self, seed: int, step: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
     """The batch augmented with the draws of (seed, step), then normalised: all on the device."""
-    images = self.augmentation(augment_lib.step_key(seed, step), images_BxHxWxC)
-    return augment_lib.normalize(images, self.mean_C, self.std_C)
+    return augment_lib.view(self.augmentation, seed, step, images_BxHxWxC, self.mean_C, self.std_C)
 
   def put_per_example(self, stored: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Per-example arrays given for every example (one-process order), on the devices by row."""

@@ -2,11 +2,11 @@
 
 Two kinds of training data implement `TrainingData`: `in_memory.DeviceData`,
 a dataset copied to device memory once as uint8, whose steps gather their
-batches there and augment them on the device; and `streaming.StreamedData`,
-read from disk as training goes, whose batches are decoded and augmented on
-the host. The loop uses nothing else, so it cannot tell them apart: for the
-same (seed, epoch) both give the same examples in the same order, and
-`student_view` turns each step's batch into the same images.
+batches there; and `streaming.StreamedData`, read from disk as training
+goes, whose batches are decoded and resized on the host. The loop uses
+nothing else, so it cannot tell them apart: for the same (seed, epoch) both
+give the same examples in the same order, and `student_view` augments each
+step's batch on the device into the same images, in the same step program.
 
 Rows: every process pads its share of a split to one block size
 (`RowLayout`), so the global arrays split evenly over the mesh and an

@@ -1,21 +1,25 @@
-"""Streamed data: images read, decoded and augmented on the host while the devices train.
+"""Streamed data: images read and decoded on the host while the devices train.
 
 For datasets larger than memory (data.in_memory=false, or 'auto' over the
 budget). A grain pipeline maps each step to its batch: the step's examples
-are decoded with OpenCV by a pool of threads (OpenCV releases the GIL), the
-step's augmentation decisions applied on the host, and the batch sent to the
-devices, with `data.prefetch` batches in flight there, so the devices never
-wait on the host while it keeps up.
+are decoded with OpenCV by a pool of threads (OpenCV releases the GIL) and
+resized, and the batch sent to the devices, with `data.prefetch` batches in
+flight there, so the devices never wait on the host while it keeps up.
 
 The same data in the same order as in memory: each step's examples are
-`placement.epoch_indices(seed, epoch)` and its augmentation decisions are those
-the in-memory train step draws from (seed, step) (`augment.draws_on_host`),
-so on one process a streamed run sees what an in-memory run sees. For
-crop_flip and none the pixels are equal too; resized_crop_flip crops the
-full-resolution image here and the already resized one in memory (the same
-boxes, different pixels). With several processes each one streams only its
-own share, shuffled on its own: their global batches differ from an
-in-memory run's, which mixes all shares.
+`placement.epoch_indices(seed, epoch)`, and the train step augments them as
+it augments in-memory batches, with the draws of (seed, step). So on one
+process a streamed run is an in-memory run: the same batches into the same
+step program, hence the same numbers, to the last bit wherever the backend is
+deterministic (two programs, one augmenting and one not, are fused
+differently by the compiler, and training amplifies their last-bit
+differences).
+resized_crop_flip is the exception: it crops each image at its own
+resolution here, with the draws the step would make
+(`augment.draws_on_host`), where in memory it crops the already resized
+image (the same boxes, different pixels). With several processes each one
+streams only its own share, shuffled on its own: their global batches differ
+from an in-memory run's, which mixes all shares.
 
 A batch is a pure function of (seed, step), so the stream's position is the
 train step that the checkpoint already holds: a resumed run starts the
@@ -64,18 +68,25 @@ def stream_order(
 class StreamedData:
   """The training and test splits streamed from their sources (`TrainingData`).
 
-  The augmentation (data.augment's) is applied on the host, as each batch is
-  made, with the decisions the in-memory step would draw on the device; the
-  step only normalises (`student_view`). Normalisation statistics are
-  data.mean and data.std if given, else from the pixel histograms of up to
-  data.stats_images training images spread evenly over the split (all of
-  them, and so the in-memory statistics exactly, for smaller splits).
+  The step augments (data.augment's augmentation) and normalises, as for
+  in-memory data (`student_view`); a resized crop alone is made on the host,
+  as each batch is made, and the step then only normalises. Normalisation
+  statistics are data.mean and data.std if given, else from the pixel
+  histograms of up to data.stats_images training images spread evenly over
+  the split (all of them, and so the in-memory statistics exactly, for
+  smaller splits).
   """
 
   def __init__(self, dataset: StreamedDataset, mesh, data_config):
     self._dataset, self._mesh = dataset, mesh
     self._augment = data_config.augment
-    self.augmentation = augment_lib.get_augmentation(self._augment)
+    augmentation = augment_lib.get_augmentation(self._augment)
+    # Either the host crops (at each image's own size) and the step only
+    # normalises, or the host resizes and the step augments as in memory.
+    self._host_augmentation = augmentation.apply_host
+    self._step_augmentation = (
+        augment_lib.AUGMENTATIONS["none"] if augmentation.apply_host else augmentation
+    )
     self._threads = int(data_config.get("workers", 0)) or os.cpu_count() or 1
     self._prefetch = int(data_config.get("prefetch", 2))
     if self._prefetch < 1:
@@ -103,9 +114,10 @@ class StreamedData:
     return int(self._train_counts.min()) // (batch_size // processes)
 
   def student_view(self, seed: int, step: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:
-    """The batch normalised: `train_batches` augmented it on the host with (seed, step)'s draws."""
-    del seed, step
-    return augment_lib.normalize(images_BxHxWxC, self.mean_C, self.std_C)
+    """The batch augmented with the draws of (seed, step) unless the host cropped it, normalised."""
+    return augment_lib.view(
+        self._step_augmentation, seed, step, images_BxHxWxC, self.mean_C, self.std_C
+    )
 
   def put_per_example(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's rows of per-example arrays given for every example (one-process order)."""
@@ -116,31 +128,39 @@ class StreamedData:
       self, seed: int, epoch: int, start: int, batch_size: int, per_example: dict | None = None
   ) -> Iterator[dict]:
     """The global batches of steps `start`.. of `epoch`: "image", "label" and any `per_example` rows."""
-    process, processes = jax.process_index(), jax.process_count()
-    order_SxB = stream_order(seed, epoch, self._train_counts, process, batch_size)
-    steps, local_batch = order_SxB.shape
-    height = self.image_shape[0]
+    order_SxB = stream_order(seed, epoch, self._train_counts, jax.process_index(), batch_size)
+    steps = len(order_SxB)
 
     def make_batch(position: int) -> dict:
       indices_B = order_SxB[position]
-      draws = augment_lib.draws_on_host(
-          self._augment, seed, epoch * steps + position, local_batch * processes
-      )
-      mine = slice(process * local_batch, (process + 1) * local_batch)
-      draws = {name: d[mine] for name, d in draws.items()}
-      images, labels = [], []
-      for j, index in enumerate(indices_B):
-        image, label = self._dataset.train[int(index)]
-        images.append(
-            self.augmentation.apply_host(image, {name: d[j] for name, d in draws.items()}, height)
-        )
-        labels.append(label)
-      batch = {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+      examples = [self._dataset.train[int(index)] for index in indices_B]
+      images = [image for image, _ in examples]
+      batch = {
+          "image": np.stack(self._host_views(seed, epoch * steps + position, images)),
+          "label": np.asarray([label for _, label in examples], np.int32),
+      }
       if per_example:
         batch["teacher_logits"] = {name: a[indices_B] for name, a in per_example.items()}
       return batch
 
     return self._stream(range(start, steps), make_batch, ("image", "label", "teacher_logits"))
+
+  def _host_views(self, seed: int, step: int, images: list[np.ndarray]) -> list[np.ndarray]:
+    """This process's images of `step` as the step takes them: resized, or cropped.
+
+    Cropped here, with the draws the step would make, where the augmentation
+    must see each image at its own size; else the step augments them.
+    """
+    size = self.image_shape[0]
+    if self._host_augmentation is None:
+      return [resize.resize_image(image, size, size) for image in images]
+    local_batch = len(images)
+    draws = augment_lib.draws_on_host(self._augment, seed, step, local_batch * jax.process_count())
+    first = jax.process_index() * local_batch
+    return [
+        self._host_augmentation(image, {name: d[first + j] for name, d in draws.items()}, size)
+        for j, image in enumerate(images)
+    ]
 
   def predict(
       self, forward: Callable, variables: Any, split: str, batch_size: int
