@@ -45,6 +45,10 @@ WHEELS=(ml_collections:ml-collections absl:absl-py flatbuffers:flatbuffers)
 cd "$REPO"
 exec > >(tee "$RESULTS/accelerator.log") 2>&1
 export TQDM_DISABLE=1 # progress bars would fill the log
+# One compilation cache for all the parts: each process would otherwise compile again the
+# programs that initialise the same models (seconds each on a CPU).
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$(mktemp -d)}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
 
 echo "== versions"
 "$PYTHON" - "$PARTS/versions.json" <<'EOF'
@@ -145,7 +149,8 @@ if ((SMOKE)); then
     --config.student.width_multiplier=0.25 --config.teacher.epochs=1 --config.student.epochs=1
     --config.teacher.batch_size=8 --config.student.batch_size=8 --config.baseline.enabled=false
     --config.teacher.optimizer.warmup_epochs=0 --config.student.optimizer.warmup_epochs=0
-    --config.data.image_size=8 --config.eval.latency_repeats=1 --config.eval.throughput_repeats=1)
+    --config.data.image_size=8 --config.eval.latency_repeats=1 --config.eval.throughput_repeats=1
+    --config.export.enabled=false)
   CHECKS_ARGS=(--smoke)
 else
   THROUGHPUT_SIZES=()
