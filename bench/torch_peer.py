@@ -1,7 +1,8 @@
 """The peer for kd_jax's speed: the distillation recipe kd_jax reimplements, written in PyTorch
-as a PyTorch user would run it on a CPU.
+as a PyTorch user would run it, on a CPU or a GPU.
 
-Times three training steps at batch 128 on 32x32x3 inputs (fp32, CPU threads = cores):
+Times three training steps at batch 128 on 32x32x3 inputs (fp32, or bf16 autocast with
+--autocast bf16; on a CPU, threads = cores):
   teacher_train      CIFAR ResNet-20, cross-entropy, SGD with momentum
   student_offline    the depthwise-separable student, distillation loss against cached teacher
                      logits, Adam
@@ -11,8 +12,9 @@ images/s for each step and variant, and the best variant per step ("best_*").
 
 Set up once:  python3 -m venv ~/torchref && ~/torchref/bin/pip install torch==2.13.0 numpy
 Run:          ~/torchref/bin/python bench/torch_peer.py [--variants eager,channels_last,compile]
-                  [--steps 20]
+                  [--steps 20] [--device cuda] [--autocast bf16]
 """
+import contextlib
 import argparse, json, time
 import torch, torch.nn as nn, torch.nn.functional as F
 
@@ -81,21 +83,28 @@ def distillation_loss(student_logits, teacher_logits, labels, temperature=2.0, a
   return (1 - alpha) * hard + alpha * temperature ** 2 * kl
 
 
-def time_step(step, steps, warmup=3):
+def time_step(step, steps, sync, warmup=3):
   for _ in range(warmup):
     step()
+  sync()
   times = []
   for _ in range(steps):
-    t0 = time.perf_counter(); step(); times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter(); step(); sync(); times.append(time.perf_counter() - t0)
   times.sort()
   return times[len(times) // 2]
 
 
-def bench(variant, batch=128, steps=20):
+def bench(variant, batch=128, steps=20, device="cpu", autocast="none"):
   torch.manual_seed(0)
-  student, teacher = Student(), ResNet()
-  x = torch.randn(batch, 3, 32, 32); y = torch.randint(0, 10, (batch,))
-  cached = torch.randn(batch, 10)
+  student, teacher = Student().to(device), ResNet().to(device)
+  x = torch.randn(batch, 3, 32, 32, device=device)
+  y = torch.randint(0, 10, (batch,), device=device)
+  cached = torch.randn(batch, 10, device=device)
+  # A GPU runs ahead of Python: each timed step waits for it.
+  sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+  # bf16: forward and loss under autocast, float32 weights and optimiser (mixed precision).
+  mixed = lambda: (torch.autocast(device, dtype=torch.bfloat16) if autocast == "bf16"
+                   else contextlib.nullcontext())
   if variant in ("channels_last", "compile"):
     student = student.to(memory_format=torch.channels_last)
     teacher = teacher.to(memory_format=torch.channels_last)
@@ -108,18 +117,24 @@ def bench(variant, batch=128, steps=20):
   teacher.train()
   t_opt = torch.optim.SGD(teacher.parameters(), 0.1, momentum=0.9)
   def teacher_step():
-    loss = F.cross_entropy(t_fwd(x), y); t_opt.zero_grad(); loss.backward(); t_opt.step()
-  out["teacher_train"] = batch / time_step(teacher_step, steps)
+    with mixed():
+      loss = F.cross_entropy(t_fwd(x), y)
+    t_opt.zero_grad(); loss.backward(); t_opt.step()
+  out["teacher_train"] = batch / time_step(teacher_step, steps, sync)
   teacher.eval(); student.train()
   s_opt = torch.optim.Adam(student.parameters(), 1e-3)
   def offline_step():
-    loss = distillation_loss(s_fwd(x), cached, y); s_opt.zero_grad(); loss.backward(); s_opt.step()
-  out["student_offline"] = batch / time_step(offline_step, steps)
+    with mixed():
+      loss = distillation_loss(s_fwd(x), cached, y)
+    s_opt.zero_grad(); loss.backward(); s_opt.step()
+  out["student_offline"] = batch / time_step(offline_step, steps, sync)
   def online_step():
-    with torch.no_grad():
+    with torch.no_grad(), mixed():
       t = t_fwd(x)
-    loss = distillation_loss(s_fwd(x), t, y); s_opt.zero_grad(); loss.backward(); s_opt.step()
-  out["student_online"] = batch / time_step(online_step, steps)
+    with mixed():
+      loss = distillation_loss(s_fwd(x), t, y)
+    s_opt.zero_grad(); loss.backward(); s_opt.step()
+  out["student_online"] = batch / time_step(online_step, steps, sync)
   return out
 
 
@@ -128,10 +143,14 @@ def main():
   ap.add_argument("--variants", default="eager,channels_last,compile")
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+  ap.add_argument("--autocast", default="none", choices=["none", "bf16"])
   a = ap.parse_args()
-  res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": a.batch}
+  res = {"torch": torch.__version__, "threads": torch.get_num_threads(), "batch": a.batch,
+         "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+         "autocast": a.autocast}
   for v in a.variants.split(","):
-    for k, ips in bench(v, a.batch, a.steps).items():
+    for k, ips in bench(v, a.batch, a.steps, a.device, a.autocast).items():
       res[f"{k}_img_s_{v}"] = round(ips, 1)
   for k in ("teacher_train", "student_offline", "student_online"):
     res[f"best_{k}_img_s"] = max(val for key, val in res.items() if key.startswith(k + "_img_s_"))
