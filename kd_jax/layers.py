@@ -274,11 +274,17 @@ class DSConv(nnx.Module):
 
     Pooling here, as `bn2.relu_pool`, fuses it with the last batch norm and ReLU.
     """
-    x = nnx.relu(self.bn1(self.depthwise(x_BxHxWxC)))
-    x = self.pointwise(x)
+    x = self._before_bn2(x_BxHxWxC)
     if pool:
       return self.bn2.relu_pool(x)
     return nnx.relu(self.bn2(x))
+
+  def preactivation(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """The block's output before its last ReLU."""
+    return self.bn2(self._before_bn2(x_BxHxWxC))
+
+  def _before_bn2(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    return self.pointwise(nnx.relu(self.bn1(self.depthwise(x_BxHxWxC))))
 
 
 def projection_shortcut(
@@ -327,9 +333,17 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
+    return self._apply(x_BxHxWxC, relu=True)
+
+  def preactivation(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """The block's output before its last ReLU: the last batch norm plus the shortcut."""
+    return self._apply(x_BxHxWxC, relu=False)
+
+  def _apply(self, x_BxHxWxC: jax.Array, *, relu: bool) -> jax.Array:
+    # The last ReLU stays inside conv_bn, which fuses it into the convolution where it can.
     out = conv_bn(self.conv1, self.bn1, x_BxHxWxC, relu=True)
     residual = x_BxHxWxC if self.shortcut is None else self.shortcut(x_BxHxWxC)
-    return conv_bn(self.conv2, self.bn2, out, relu=True, residual=residual)
+    return conv_bn(self.conv2, self.bn2, out, relu=relu, residual=residual)
 
 
 class WideBasicBlock(nnx.Module):
@@ -404,11 +418,15 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
+    return nnx.relu(self.preactivation(x_BxHxWxC))
+
+  def preactivation(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """The block's output before its last ReLU: the last batch norm plus the shortcut."""
     out = nnx.relu(self.bn1(self.conv1(x_BxHxWxC)))
     out = nnx.relu(self.bn2(self.conv2(out)))
     out = self.bn3(self.conv3(out))
     residual = x_BxHxWxC if self.shortcut is None else self.shortcut(x_BxHxWxC)
-    return nnx.relu(out + residual)
+    return out + residual
 
 
 class InvertedResidual(nnx.Module):

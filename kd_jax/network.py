@@ -50,10 +50,24 @@ class Network:
 
   def apply(self, variables: Variables, images_BxHxWxC: jax.Array, *, train: bool):
     """Runs the model; returns (float32 logits, batch statistics after the pass)."""
-    graph = self.train_graph if train else self.eval_graph
-    model = nnx.merge(graph, variables.params, variables.batch_stats, copy=True)
+    model = self._merge(variables, train)
     logits = model(images_BxHxWxC.astype(self.compute_dtype))
     return logits.astype(jnp.float32), nnx.state(model, nnx.BatchStat)
+
+  def apply_with_features(self, variables: Variables, images_BxHxWxC: jax.Array, *, train: bool):
+    """Runs the model's `with_features` (kd_jax.models), for feature-based distillation.
+
+    Returns:
+      (float32 logits, the named features in the compute dtype, batch statistics after the
+      pass).
+    """
+    model = self._merge(variables, train)
+    logits, features = model.with_features(images_BxHxWxC.astype(self.compute_dtype))
+    return logits.astype(jnp.float32), features, nnx.state(model, nnx.BatchStat)
+
+  def _merge(self, variables: Variables, train: bool) -> nnx.Module:
+    graph = self.train_graph if train else self.eval_graph
+    return nnx.merge(graph, variables.params, variables.batch_stats, copy=True)
 
 
 def create_network(
