@@ -13,7 +13,6 @@ key, the value and what is allowed.
 from typing import Any, Callable
 
 import ml_collections
-from flax import nnx
 
 from kd_jax import data, methods, models, optim, parallel, pretrained, schedules, teacher_cache
 from kd_jax.data import augment
@@ -289,14 +288,8 @@ def check_feature_method(config: ml_collections.ConfigDict, *, num_classes: int,
   networks = []
   for stage in ("student", "teacher"):
     stage_config = config[stage]
-    model = nnx.eval_shape(
-        lambda: models.create_model(
-            stage_config.model,
-            num_classes=num_classes,
-            in_channels=image_shape[-1],
-            rngs=nnx.Rngs(0),
-            width_multiplier=stage_config.get("width_multiplier", 1.0),
-        )
+    model = pretrained.abstract_model(
+        stage_config, num_classes=num_classes, in_channels=image_shape[-1]
     )
     if not hasattr(model, "with_features"):
       raise UserInputError(
