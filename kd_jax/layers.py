@@ -259,6 +259,11 @@ class DSConv(nnx.Module):
       return self.bn2.relu_pool(self.pointwise(x))
     return conv_bn(self.pointwise, self.bn2, x, activation="relu")
 
+  def preactivation(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """The block's output before its last ReLU."""
+    x = conv_bn(self.depthwise, self.bn1, x_BxHxWxC, activation="relu")
+    return conv_bn(self.pointwise, self.bn2, x)
+
 
 def projection_shortcut(
     in_features: int, out_features: int, *, strides: int, rngs: nnx.Rngs
@@ -306,9 +311,17 @@ class BasicBlock(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
+    return self._apply(x_BxHxWxC, activation="relu")
+
+  def preactivation(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """The block's output before its last ReLU: the last batch norm plus the shortcut."""
+    return self._apply(x_BxHxWxC, activation=None)
+
+  def _apply(self, x_BxHxWxC: jax.Array, *, activation: str | None) -> jax.Array:
+    # The last ReLU stays inside conv_bn, which fuses it into the convolution where it can.
     out = conv_bn(self.conv1, self.bn1, x_BxHxWxC, activation="relu")
     residual = x_BxHxWxC if self.shortcut is None else conv_bn(*self.shortcut.layers, x_BxHxWxC)
-    return conv_bn(self.conv2, self.bn2, out, activation="relu", residual=residual)
+    return conv_bn(self.conv2, self.bn2, out, activation=activation, residual=residual)
 
 
 class WideBasicBlock(nnx.Module):
@@ -383,10 +396,17 @@ class Bottleneck(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Applies the block to channels-last images."""
+    return self._apply(x_BxHxWxC, activation="relu")
+
+  def preactivation(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """The block's output before its last ReLU: the last batch norm plus the shortcut."""
+    return self._apply(x_BxHxWxC, activation=None)
+
+  def _apply(self, x_BxHxWxC: jax.Array, *, activation: str | None) -> jax.Array:
     out = conv_bn(self.conv1, self.bn1, x_BxHxWxC, activation="relu")
     out = conv_bn(self.conv2, self.bn2, out, activation="relu")
     residual = x_BxHxWxC if self.shortcut is None else conv_bn(*self.shortcut.layers, x_BxHxWxC)
-    return conv_bn(self.conv3, self.bn3, out, activation="relu", residual=residual)
+    return conv_bn(self.conv3, self.bn3, out, activation=activation, residual=residual)
 
 
 class InvertedResidual(nnx.Module):

@@ -7,6 +7,11 @@ torchvision's layouts. Every model maps float32 images (B, H, W, C), any H, W >=
 logits (B, num_classes), and starts in training mode: call `model.eval()` for
 inference (BatchNorm then uses its running statistics) and `model.train()` to
 switch back.
+
+Feature-based distillation also needs what a model computes on the way: every
+registered model's `with_features(images)` returns its logits and its named
+features (`run_stages` says which), while calling the model computes the logits
+alone, with nothing extra.
 """
 
 import functools
@@ -18,6 +23,33 @@ from flax import nnx
 
 from kd_jax import layers, ops
 from kd_jax.errors import UserInputError
+
+Features = dict[str, jax.Array]
+
+
+def run_stages(
+    blocks: Sequence[nnx.Module], blocks_per_stage: Sequence[int], x_BxHxWxC: jax.Array
+) -> tuple[jax.Array, Features]:
+  """Runs `blocks`, grouped in stages of `blocks_per_stage`; returns the output and features.
+
+  "stage<k>" is stage k's output (1-based), "stage<k>_preact" the same before the ReLU that
+  ends its last block, where the distillation papers take it (blocks ending in a ReLU
+  have a `preactivation` method). Blocks that end without one (WideResNet's
+  pre-activation blocks, MobileNetV2's linear bottlenecks) give their output for both.
+  """
+  features, blocks = {}, iter(blocks)
+  x = x_BxHxWxC
+  for stage, count in enumerate(blocks_per_stage, start=1):
+    for _ in range(count - 1):
+      x = next(blocks)(x)
+    last = next(blocks)
+    if hasattr(last, "preactivation"):
+      preact = last.preactivation(x)
+      x = nnx.relu(preact)
+    else:
+      x = preact = last(x)
+    features[f"stage{stage}_preact"], features[f"stage{stage}"] = preact, x
+  return x, features
 
 
 class DSConvStudent(nnx.Module):
@@ -56,6 +88,12 @@ class DSConvStudent(nnx.Module):
     x = self.block2(self.block1(x_BxHxWxC))
     return self.fc(self.block3(x, pool=True))
 
+  def with_features(self, x_BxHxWxC: jax.Array) -> tuple[jax.Array, Features]:
+    """The logits and the features: each block a stage (see `run_stages`), and "pooled"."""
+    x, features = run_stages((self.block1, self.block2, self.block3), (1, 1, 1), x_BxHxWxC)
+    features["pooled"] = ops.global_avg_pool(x)
+    return self.fc(features["pooled"]), features
+
 
 class CifarResNet(nnx.Module):
   """CIFAR ResNet: conv3x3-BN-ReLU stem, three BasicBlock stages, linear."""
@@ -82,6 +120,7 @@ class CifarResNet(nnx.Module):
     if (depth - 2) % 6:
       raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     blocks_per_stage = (depth - 2) // 6
+    self.blocks_per_stage = (blocks_per_stage,) * 3
     stem_width, *stage_widths = widths
     self.stem_conv = layers.conv3x3(in_channels, stem_width, rngs=rngs)
     self.stem_bn = layers.batch_norm(stem_width, rngs=rngs)
@@ -100,6 +139,13 @@ class CifarResNet(nnx.Module):
     for block in self.blocks:
       x = block(x)
     return self.fc(ops.global_avg_pool(x))
+
+  def with_features(self, x_BxHxWxC: jax.Array) -> tuple[jax.Array, Features]:
+    """The logits and the features: stage1-3 (see `run_stages`) and "pooled"."""
+    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, activation="relu")
+    x, features = run_stages(self.blocks, self.blocks_per_stage, x)
+    features["pooled"] = ops.global_avg_pool(x)
+    return self.fc(features["pooled"]), features
 
 
 class WideResNet(nnx.Module):
@@ -126,6 +172,7 @@ class WideResNet(nnx.Module):
     if (depth - 4) % 6:
       raise ValueError(f"WideResNet depth must be 6n+4, got {depth}")
     blocks_per_stage = (depth - 4) // 6
+    self.blocks_per_stage = (blocks_per_stage,) * 3
     cin = 16
     self.stem_conv = layers.conv3x3(in_channels, cin, rngs=rngs)
     blocks = []
@@ -147,6 +194,16 @@ class WideResNet(nnx.Module):
     for block in self.blocks:
       x = block(x)
     return self.fc(self.final_bn.relu_pool(x))
+
+  def with_features(self, x_BxHxWxC: jax.Array) -> tuple[jax.Array, Features]:
+    """The logits and the features: stage1-3 (see `run_stages`) and "pooled".
+
+    The stages end in a residual sum without a ReLU, as RepDistiller's features do; "pooled"
+    follows the final batch norm and ReLU.
+    """
+    x, features = run_stages(self.blocks, self.blocks_per_stage, self.stem_conv(x_BxHxWxC))
+    features["pooled"] = self.final_bn.relu_pool(x)
+    return self.fc(features["pooled"]), features
 
 
 class ImageNetResNet(nnx.Module):
@@ -201,11 +258,23 @@ class ImageNetResNet(nnx.Module):
 
   def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
     """Returns the logits (B, num_classes) for images (B, H, W, C)."""
-    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, activation="relu")
-    x = nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = self._stem(x_BxHxWxC)
     for block in self.blocks:
       x = block(x)
     return self.fc(ops.global_avg_pool(x))
+
+  def with_features(self, x_BxHxWxC: jax.Array) -> tuple[jax.Array, Features]:
+    """The logits and the features: stage1-4 (see `run_stages`) and "pooled".
+
+    The stages are torchvision's layer1-4.
+    """
+    x, features = run_stages(self.blocks, self.blocks_per_stage, self._stem(x_BxHxWxC))
+    features["pooled"] = ops.global_avg_pool(x)
+    return self.fc(features["pooled"]), features
+
+  def _stem(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, activation="relu")
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 # (expansion ratio, channels, blocks, first stride) of each MobileNetV2 stage.
@@ -248,8 +317,13 @@ class MobileNetV2(nnx.Module):
     head_width = _make_divisible(1280 * max(1.0, width_mult))
     self.stem_conv = layers.conv3x3(in_channels, stem_width, strides=2, rngs=rngs)
     self.stem_bn = layers.batch_norm(stem_width, rngs=rngs)
-    blocks, cin = [], stem_width
+    blocks, cin, blocks_per_stage = [], stem_width, []
     for ratio, stage_channels, count, stride in _MOBILENET_V2_STAGES:
+      # Feature stages end where the resolution next halves, as torchvision's feature maps.
+      if stride == 2 or not blocks_per_stage:
+        blocks_per_stage.append(count)
+      else:
+        blocks_per_stage[-1] += count
       channels = _make_divisible(stage_channels * width_mult)
       for b in range(count):
         blocks.append(
@@ -259,6 +333,7 @@ class MobileNetV2(nnx.Module):
         )
         cin = channels
     self.blocks = nnx.List(blocks)
+    self.blocks_per_stage = tuple(blocks_per_stage)
     self.head_conv = layers.PointwiseConv(cin, head_width, rngs=rngs)
     self.head_bn = layers.batch_norm(head_width, rngs=rngs)
     self.fc = nnx.Linear(head_width, num_classes, rngs=rngs)
@@ -268,8 +343,22 @@ class MobileNetV2(nnx.Module):
     x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, activation="relu6")
     for block in self.blocks:
       x = block(x)
-    x = layers.conv_bn(self.head_conv, self.head_bn, x, activation="relu6")
-    return self.fc(ops.global_avg_pool(x))
+    return self.fc(self._pool(x))
+
+  def with_features(self, x_BxHxWxC: jax.Array) -> tuple[jax.Array, Features]:
+    """The logits and the features: stage1-5 (see `run_stages`) and "pooled".
+
+    A stage ends at each resolution (1/2 to 1/32 of the input's); "pooled" follows the
+    1x1 head convolution.
+    """
+    x = layers.conv_bn(self.stem_conv, self.stem_bn, x_BxHxWxC, activation="relu6")
+    x, features = run_stages(self.blocks, self.blocks_per_stage, x)
+    features["pooled"] = self._pool(x)
+    return self.fc(features["pooled"]), features
+
+  def _pool(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    x = layers.conv_bn(self.head_conv, self.head_bn, x_BxHxWxC, activation="relu6")
+    return ops.global_avg_pool(x)
 
 
 _RESNET_WIDTHS = (16, 16, 32, 64)

@@ -75,11 +75,20 @@ class Network:
 
   def apply(self, variables: Variables, images_BxHxWxC: jax.Array, *, train: bool):
     """Runs the model; returns (float32 logits, batch statistics after the pass)."""
-    graph = self.train_graph if train else self.eval_graph
-    model = nnx.merge(graph, variables.params, variables.batch_stats, copy=True)
-    layers.use_convolutions(model, self.convolutions)
+    model = self._merge(variables, train)
     logits = model(images_BxHxWxC.astype(self.compute_dtype))
     return logits.astype(jnp.float32), nnx.state(model, nnx.BatchStat)
+
+  def apply_with_features(self, variables: Variables, images_BxHxWxC: jax.Array, *, train: bool):
+    """Runs the model's `with_features` (kd_jax.models), for feature-based distillation.
+
+    Returns:
+      (float32 logits, the named features in the compute dtype, batch statistics after the
+      pass).
+    """
+    model = self._merge(variables, train)
+    logits, features = model.with_features(images_BxHxWxC.astype(self.compute_dtype))
+    return logits.astype(jnp.float32), features, nnx.state(model, nnx.BatchStat)
 
   def portable(self) -> "Network":
     """This network on XLA's convolutions, as an exported model holds it.
@@ -87,6 +96,12 @@ class Network:
     XLA's cost analysis sees into it, where it cannot into oneDNN's calls.
     """
     return dataclasses.replace(self, convolutions="xla")
+
+  def _merge(self, variables: Variables, train: bool) -> nnx.Module:
+    graph = self.train_graph if train else self.eval_graph
+    model = nnx.merge(graph, variables.params, variables.batch_stats, copy=True)
+    layers.use_convolutions(model, self.convolutions)
+    return model
 
 
 def create_network(

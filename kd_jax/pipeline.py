@@ -197,6 +197,9 @@ def _load_data(config, mesh) -> tuple[data.Dataset | data.StreamedDataset, Train
     pretrained.check_stage(
         stage, config[stage], num_classes=dataset.num_classes, image_shape=dataset.image_shape
     )
+  settings.check_feature_method(
+      config, num_classes=dataset.num_classes, image_shape=dataset.image_shape
+  )
   logging.info(
       "devices: %d x %s; global batch teacher %d, student %d (per device %d, %d)",
       mesh.size,

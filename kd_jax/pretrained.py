@@ -279,6 +279,19 @@ def check_settings(stage: str, stage_config) -> None:
   read_shapes(path, source)
 
 
+def abstract_model(stage_config, *, num_classes: int, in_channels: int) -> nnx.Module:
+  """A stage's model as its config builds it, shapes only: nothing allocated or computed."""
+  return nnx.eval_shape(
+      lambda: models.create_model(
+          stage_config.model,
+          num_classes=num_classes,
+          in_channels=in_channels,
+          rngs=nnx.Rngs(0),
+          width_multiplier=stage_config.get("width_multiplier", 1.0),
+      )
+  )
+
+
 def check_stage(stage: str, stage_config, *, num_classes: int, image_shape) -> None:
   """Checks a stage's model and weights against the data, computing nothing.
 
@@ -288,15 +301,7 @@ def check_stage(stage: str, stage_config, *, num_classes: int, image_shape) -> N
       whose tensors do not fit the model, or a head that starts afresh in a
       stage that trains for no epochs.
   """
-  model = nnx.eval_shape(
-      lambda: models.create_model(
-          stage_config.model,
-          num_classes=num_classes,
-          in_channels=image_shape[-1],
-          rngs=nnx.Rngs(0),
-          width_multiplier=stage_config.get("width_multiplier", 1.0),
-      )
-  )
+  model = abstract_model(stage_config, num_classes=num_classes, in_channels=image_shape[-1])
   if models.is_factory(stage_config.model):
     models.check_output(stage_config.model, num_classes=num_classes, image_shape=image_shape)
   path = stage_config.get("weights", "")

@@ -17,7 +17,7 @@ import ml_collections
 from kd_jax import data, methods, models, optim, parallel, pretrained, schedules, teacher_cache
 from kd_jax.data import augment
 from kd_jax.errors import UserInputError
-from kd_jax.network import resolve_compute_dtype
+from kd_jax.network import resolve_compute_dtype, split_model
 
 DISTILL_MODES = ("online", "offline")
 
@@ -141,6 +141,8 @@ RULES: dict[str, Rule] = {
     "distill.dkd_beta": _NON_NEGATIVE,
     "distill.dkd_ce_weight": _NON_NEGATIVE,
     "distill.dkd_warmup_epochs": _POSITIVE,
+    "distill.at_weight": _NON_NEGATIVE,
+    "distill.fitnet_weight": _NON_NEGATIVE,
     "baseline.enabled": _FLAG,
     "checkpoint.every_steps": _whole(">= 0 (0: only at epoch ends)", lambda v: v >= 0),
     "checkpoint.keep": _whole(">= 1", lambda v: v >= 1),
@@ -270,6 +272,33 @@ def check_batch_fits(key: str, batch_size: int, num_train: int) -> None:
     raise UserInputError(
         f"{key}={batch_size} is larger than the {num_train} training examples; lower it"
     )
+
+
+def check_feature_method(config: ml_collections.ConfigDict, *, num_classes: int, image_shape):
+  """A feature method's teacher and student: both give features that the method can pair.
+
+  Builds both models without computing anything, and the method's connectors.
+
+  Raises:
+    UserInputError: for a model without features (no `with_features` method), or
+      features the method cannot pair.
+  """
+  if config.distill.method not in methods.FEATURE_METHODS:
+    return
+  networks = []
+  for stage in ("student", "teacher"):
+    stage_config = config[stage]
+    model = pretrained.abstract_model(
+        stage_config, num_classes=num_classes, in_channels=image_shape[-1]
+    )
+    if not hasattr(model, "with_features"):
+      raise UserInputError(
+          f"{stage}.model={stage_config.model!r} provides no features, which "
+          f"distill.method={config.distill.method} needs: give it a with_features method "
+          "(docs/own_models.md) or use distill.method=kd"
+      )
+    networks.append(split_model(stage_config.model, model))
+  methods.make_feature_method(config.distill, *networks, image_shape, seed=0)
 
 
 def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:

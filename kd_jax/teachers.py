@@ -7,7 +7,8 @@ step's teacher argument, passed to it rather than closed over, so that one
 teacher serves every student without being compiled into it.
 
   OnlineTeacher  a network run in inference mode inside the step, on the
-                 student's own view of each batch.
+                 student's own view of each batch; it alone also gives its
+                 features, for feature methods.
   StoredLogits   one stored prediction per training example (offline
                  distillation, plain cache or another tool's logits).
   StoredViews    the stored predictions for exactly the views a student of
@@ -54,6 +55,11 @@ class OnlineTeacher:
     """The network's inference-mode logits of the student's view."""
     del batch
     return self.network.apply(variables, x_BxHxWxC, train=False)[0]
+
+  def logits_and_features(self, variables, batch, x_BxHxWxC):
+    """The network's inference-mode logits and named features of the student's view."""
+    del batch
+    return self.network.apply_with_features(variables, x_BxHxWxC, train=False)[:2]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,11 +34,31 @@ from kd_jax.teachers import Teacher
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a train step changes."""
+  """Everything a train step changes: a feature method's connectors too, where it has some."""
 
   step: jax.Array
   variables: Variables
   opt_state: optax.OptState
+  connectors: Variables | None = None
+
+  def trainable(self):
+    """What the optimizer updates: the student's parameters, and the connectors' with them."""
+    if self.connectors is None:
+      return self.variables.params
+    return self.variables.params, self.connectors.params
+
+  def after_step(self, trainable, batch_stats, opt_state) -> "TrainState":
+    """The next step's state; `trainable` and `batch_stats` are shaped as `trainable()`."""
+    if self.connectors is None:
+      return TrainState(self.step + 1, Variables(trainable, batch_stats), opt_state)
+    (params, connector_params), (stats, connector_stats) = trainable, batch_stats
+    connectors = Variables(connector_params, connector_stats)
+    return TrainState(self.step + 1, Variables(params, stats), opt_state, connectors)
+
+  def checkpointed(self) -> dict:
+    """The checkpoint's "train" item: everything but the student's variables."""
+    train = {"step": self.step, "opt_state": self.opt_state}
+    return train if self.connectors is None else {**train, "connectors": self.connectors}
 
 
 def make_train_step(
@@ -50,51 +70,101 @@ def make_train_step(
     mesh,
     teacher: Teacher | None = None,
     objective: methods.Objective = methods.cross_entropy_objective,
+    feature_method: methods.FeatureMethod | None = None,
 ) -> Callable:
   """The jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
 
   The student sees `data.student_view` of the batch. With a teacher, the
   objective compares the teacher's logits of the batch (`teacher.logits`)
-  with the student's; without one, it gets None. The teacher's variables are
-  an argument, neither updated nor donated, so they stay outside the
-  optimizer and one teacher can serve every student.
+  with the student's; without one, it gets None. A `feature_method` (whose
+  teacher is an OnlineTeacher) replaces `objective` with its own, which
+  compares the two networks' features through the state's connectors. The
+  teacher's variables are an argument, neither updated nor donated, so they
+  stay outside the optimizer and one teacher can serve every student.
   """
 
   def train_step(state: TrainState, batch: dict, teacher_variables: Variables | None):
     x = data.student_view(seed, state.step, batch["image"])
     labels_B = batch["label"]
-    teacher_logits_BxC = None
-    if teacher is not None:
-      teacher_logits_BxC = teacher.logits(teacher_variables, batch, x)
-      if jax.default_backend() == "cpu":  # teacher, then student: see ops.after
-        x = ops.after(x, teacher_logits_BxC)
-
-    def loss_fn(params):
-      logits_BxC, batch_stats = network.apply(
-          Variables(params, state.variables.batch_stats), x, train=True
+    if feature_method is not None:
+      teacher_logits_BxC, teacher_features = teacher.logits_and_features(
+          teacher_variables, batch, x
       )
-      loss, parts = objective(logits_BxC, teacher_logits_BxC, labels_B, state.step)
-      return loss, (logits_BxC, batch_stats, parts)
+      x = _teacher_first(x, teacher_logits_BxC)
+      loss_fn = _feature_loss_fn(
+          network, feature_method.objective, state, x, teacher_features, labels_B
+      )
+    else:
+      teacher_logits_BxC = None
+      if teacher is not None:
+        teacher_logits_BxC = teacher.logits(teacher_variables, batch, x)
+        x = _teacher_first(x, teacher_logits_BxC)
+      loss_fn = _logits_loss_fn(network, objective, state, x, teacher_logits_BxC, labels_B)
 
+    trainable = state.trainable()
     (loss, (logits_BxC, batch_stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.variables.params
+        trainable
     )
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.variables.params)
-    params = optax.apply_updates(state.variables.params, updates)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
     metrics = {
         "loss": loss,
         "accuracy": jnp.mean(jnp.argmax(logits_BxC, -1) == labels_B),
         # A non-finite norm flags overflowed weights a step before the loss shows it.
-        "param_norm": optax.tree.norm(params),
+        "param_norm": optax.tree.norm(trainable),
         **parts,
     }
-    return TrainState(state.step + 1, Variables(params, batch_stats), opt_state), metrics
+    return state.after_step(trainable, batch_stats, opt_state), metrics
 
   # The state is donated: its buffers become the new state's, so a step needs
   # no second copy of parameters and optimizer moments.
   return parallel.in_order(
       jax.jit(train_step, donate_argnums=0, out_shardings=parallel.replicated(mesh))
   )
+
+
+def _teacher_first(x: jax.Array, teacher_logits_BxC: jax.Array) -> jax.Array:
+  """x, made to wait for the teacher's logits on CPU, where that pays (see ops.after)."""
+  if jax.default_backend() == "cpu":
+    return ops.after(x, teacher_logits_BxC)
+  return x
+
+
+def _logits_loss_fn(network, objective, state, x, teacher_logits_BxC, labels_B):
+  """loss_fn(params) -> (loss, (logits, batch statistics, parts)) of a method on logits."""
+
+  def loss_fn(params):
+    logits_BxC, batch_stats = network.apply(
+        Variables(params, state.variables.batch_stats), x, train=True
+    )
+    loss, parts = objective(logits_BxC, teacher_logits_BxC, labels_B, state.step)
+    return loss, (logits_BxC, batch_stats, parts)
+
+  return loss_fn
+
+
+def _feature_loss_fn(network, objective, state, x, teacher_features, labels_B):
+  """loss_fn(trainable) -> (loss, (logits, batch statistics, parts)) of a feature method.
+
+  `trainable` and the batch statistics are shaped as `state.trainable()`.
+  """
+
+  def loss_fn(trainable):
+    params, connectors = trainable, None
+    if state.connectors is not None:
+      params, connector_params = trainable
+      connectors = Variables(connector_params, state.connectors.batch_stats)
+    logits_BxC, features, batch_stats = network.apply_with_features(
+        Variables(params, state.variables.batch_stats), x, train=True
+    )
+    loss, connector_stats, parts = objective(
+        logits_BxC, features, teacher_features, labels_B, connectors
+    )
+    if connectors is not None:
+      batch_stats = (batch_stats, connector_stats)
+    return loss, (logits_BxC, batch_stats, parts)
+
+  return loss_fn
 
 
 class RunningMetrics:
@@ -278,8 +348,16 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
   check_batch_fits(f"{stage.name}.batch_size", batch_size, data.num_train)
   steps = data.steps_per_epoch(batch_size)
   optimizer = optim.make_optimizer(stage.settings.optimizer, steps, epochs, batch_size)
-  objective = methods.cross_entropy_objective
-  if stage.teacher is not None:
+  objective, feature_method = methods.cross_entropy_objective, None
+  if stage.teacher is not None and config.distill.method in methods.FEATURE_METHODS:
+    feature_method = methods.make_feature_method(
+        config.distill,
+        (stage.network, stage.variables),
+        (stage.teacher.network, stage.teacher.variables),
+        data.image_shape,
+        stage.seed,
+    )
+  elif stage.teacher is not None:
     objective = methods.make_objective(config.distill, steps, epochs)
   train_step = make_train_step(
       stage.network,
@@ -289,6 +367,7 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
       mesh=mesh,
       teacher=stage.teacher,
       objective=objective,
+      feature_method=feature_method,
   )
   settings = {
       "batch_size": batch_size,
@@ -316,23 +395,21 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
           "settings": settings,
       },
   )
-  state = TrainState(
-      jnp.zeros((), jnp.int32), stage.variables, optimizer.init(stage.variables.params)
-  )
+  connectors = None if feature_method is None else feature_method.connector_variables
+  state = TrainState(jnp.zeros((), jnp.int32), stage.variables, None, connectors)
+  state = state.replace(opt_state=optimizer.init(state.trainable()))
   return loop, jax.device_put(state, parallel.replicated(mesh))
 
 
 def _resume(name: str, state: TrainState, checkpoints: StageCheckpoints) -> Progress:
   """The progress of the newest whole checkpoint, or of `state` if there is none."""
-  restored = checkpoints.restore_latest(
-      state.variables, {"step": state.step, "opt_state": state.opt_state}
-  )
+  restored = checkpoints.restore_latest(state.variables, state.checkpointed())
   if restored is None:
     return Progress(state, 0, [], RunningMetrics(), 0.0, 0.0)
   variables, train, meta = restored
   logging.info("%s: resuming at step %d from %s", name, int(train["step"]), checkpoints.directory)
   return Progress(
-      TrainState(train["step"], variables, train["opt_state"]),
+      TrainState(train["step"], variables, train["opt_state"], train.get("connectors")),
       int(train["step"]),
       meta["history"],
       RunningMetrics(meta["epoch_sums"], meta["epoch_count"]),
@@ -416,7 +493,7 @@ def save_checkpoint(
   checkpoints.save(
       progress.step,
       state.variables,
-      {"step": state.step, "opt_state": state.opt_state},
+      state.checkpointed(),
       {
           **meta,
           "history": progress.history,

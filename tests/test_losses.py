@@ -308,3 +308,146 @@ def test_standardised_losses_ignore_shifts_and_scales_of_the_logits(method):
   base = float(soft_term(student, teacher))
   moved = float(soft_term(3.0 * student + 7.0, 0.5 * teacher - 20.0))
   np.testing.assert_allclose(moved, base, rtol=1e-4)
+
+
+# Feature losses, against float64 NumPy written from the papers' definitions.
+
+
+def reference_adaptive_pool(x, height, width):
+  """PyTorch's adaptive average pooling: window i spans [floor(i H / h), ceil((i + 1) H / h))."""
+  in_h, in_w = x.shape[1:3]
+  out = np.empty((x.shape[0], height, width, x.shape[3]))
+  for i in range(height):
+    for j in range(width):
+      rows = slice(int(np.floor(i * in_h / height)), int(np.ceil((i + 1) * in_h / height)))
+      cols = slice(int(np.floor(j * in_w / width)), int(np.ceil((j + 1) * in_w / width)))
+      out[:, i, j] = x[:, rows, cols].mean(axis=(1, 2))
+  return out
+
+
+def reference_attention_transfer(student_features, teacher_features, p):
+  """Zagoruyko and Komodakis: ||Q_s/||Q_s|| - Q_t/||Q_t|| ||^2 per position, Q = mean_c |f|^p."""
+  total = 0.0
+  for s, t in zip(student_features, teacher_features):
+    s, t = s.astype(np.float64), t.astype(np.float64)
+    height, width = min(s.shape[1], t.shape[1]), min(s.shape[2], t.shape[2])
+    s, t = reference_adaptive_pool(s, height, width), reference_adaptive_pool(t, height, width)
+    maps = []
+    for f in (s, t):
+      q = (np.abs(f) ** p).mean(-1).reshape(len(f), -1)
+      maps.append(q / np.sqrt((q**2).sum(-1, keepdims=True)))
+    total += ((maps[0] - maps[1]) ** 2).mean()
+  return total
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0])
+@pytest.mark.parametrize(
+    "student_hw,teacher_hw",
+    [((8, 8), (8, 8)), ((8, 8), (4, 4)), ((2, 2), (4, 4)), ((7, 7), (4, 4))],
+)
+def test_attention_transfer_loss_matches_reference(p, student_hw, teacher_hw):
+  rng = np.random.default_rng(20)
+  # Two pairs, channel counts differing within each: the loss sums over them.
+  student = [rng.normal(size=(3, *student_hw, 5)), rng.normal(size=(3, 4, 4, 6))]
+  teacher = [rng.normal(size=(3, *teacher_hw, 7)), rng.normal(size=(3, 4, 4, 2))]
+  student, teacher = ([f.astype(np.float32) for f in fs] for fs in (student, teacher))
+  got = losses.attention_transfer_loss(student, teacher, p=p)
+  np.testing.assert_allclose(
+      float(got), reference_attention_transfer(student, teacher, p), rtol=1e-5
+  )
+
+
+def reference_hierarchical_context(student_features, teacher_features):
+  """Per pair: (MSE + sum_l w_l MSE(pool_l)) / (1 + sum_l w_l), l among 4, 2, 1 below the map."""
+  total = 0.0
+  for s, t in zip(student_features, teacher_features):
+    s, t = s.astype(np.float64), t.astype(np.float64)
+    loss, weights = ((s - t) ** 2).mean(), 1.0
+    for size, weight in ((4, 0.5), (2, 0.25), (1, 0.125)):
+      if size < min(s.shape[1:3]):
+        pooled_s, pooled_t = (reference_adaptive_pool(f, size, size) for f in (s, t))
+        loss += weight * ((pooled_s - pooled_t) ** 2).mean()
+        weights += weight
+    total += loss / weights
+  return total
+
+
+def test_hierarchical_context_loss_matches_reference():
+  rng = np.random.default_rng(21)
+  # Every level, two of them, one, none (a pooled embedding), and overlapping windows (7 -> 4).
+  shapes = [(2, 8, 8, 3), (2, 4, 4, 5), (2, 2, 2, 4), (2, 1, 1, 6), (2, 7, 7, 2)]
+  student = [rng.normal(size=s).astype(np.float32) for s in shapes]
+  teacher = [rng.normal(size=s).astype(np.float32) + 0.5 for s in shapes]
+  got = losses.hierarchical_context_loss(student, teacher)
+  np.testing.assert_allclose(
+      float(got), reference_hierarchical_context(student, teacher), rtol=1e-5
+  )
+  # ReviewKD's weights on an 8x8 map: 1, 1/2, 1/4, 1/8; a map equal to the teacher's costs 0.
+  assert float(losses.hierarchical_context_loss(teacher, teacher)) == 0.0
+
+
+def test_fitnet_loss_is_the_mean_squared_error():
+  rng = np.random.default_rng(22)
+  student, teacher = rng.normal(size=(2, 3, 4, 4, 8)).astype(np.float32)
+  want = ((student.astype(np.float64) - teacher) ** 2).mean()
+  np.testing.assert_allclose(float(losses.fitnet_loss(student, teacher)), want, rtol=1e-6)
+
+
+def _unit_rows(x):
+  return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def reference_crd(anchor, candidates, num_data, temperature):
+  """Tian et al., Eqs. (18)-(19): h = P / (P + N/M), P = exp(a.c / T) / Z, Z = M mean exp(a.c / T).
+
+  Returns (loss, Z): the batch mean of -log h(positive) - sum over negatives of log(1 - h).
+  """
+  anchor, candidates = anchor.astype(np.float64), candidates.astype(np.float64)
+  exp_scores = np.exp(np.einsum("bd,bkd->bk", anchor, candidates) / temperature)
+  z = num_data * exp_scores.mean()
+  num_negatives = candidates.shape[1] - 1
+  per_example = []
+  for row in exp_scores / z:
+    h = row / (row + num_negatives / num_data)
+    per_example.append(-np.log(h[0]) - np.log(1 - h[1:]).sum())
+  return np.mean(per_example), z
+
+
+@pytest.mark.parametrize("num_data,temperature", [(1000, 0.07), (50, 0.5)])
+def test_crd_loss_matches_reference(num_data, temperature):
+  rng = np.random.default_rng(23)
+  anchor = _unit_rows(rng.normal(size=(4, 16)))
+  candidates = _unit_rows(rng.normal(size=(4, 9, 16)))  # a positive and 8 negatives each
+  candidates[:, 0] = _unit_rows(anchor + 0.3 * rng.normal(size=anchor.shape))
+  want_loss, want_z = reference_crd(anchor, candidates, num_data, temperature)
+  z = losses.crd_normalizer(anchor, candidates, num_data=num_data, temperature=temperature)
+  np.testing.assert_allclose(float(z), want_z, rtol=1e-5)
+  got = losses.crd_loss(
+      anchor, candidates, num_data=num_data, normalizer=z, temperature=temperature
+  )
+  np.testing.assert_allclose(float(got), want_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["at", "hcl", "fitnet", "crd"])
+def test_no_gradient_reaches_the_teacher_features(name):
+  rng = np.random.default_rng(24)
+  student, teacher = rng.normal(size=(2, 2, 4, 4, 3)).astype(np.float32)
+  bank = _unit_rows(rng.normal(size=(2, 5, 3)))
+  loss = {
+      "at": lambda s, t: losses.attention_transfer_loss([s], [t]),
+      "hcl": lambda s, t: losses.hierarchical_context_loss([s], [t]),
+      "fitnet": losses.fitnet_loss,
+      "crd": lambda s, bank: losses.crd_loss(s[:, 0, 0], bank, num_data=10, normalizer=2.0),
+  }[name]
+  teacher_side = bank if name == "crd" else teacher
+  grad_student, grad_teacher = jax.grad(loss, argnums=(0, 1))(student, teacher_side)
+  assert not np.any(np.asarray(grad_teacher))
+  assert np.all(np.isfinite(grad_student)) and np.any(np.asarray(grad_student))
+
+
+def test_feature_losses_refuse_unpaired_features():
+  maps = [np.zeros((2, 4, 4, 3), np.float32)]
+  with pytest.raises(ValueError, match="1 student and 2 teacher"):
+    losses.attention_transfer_loss(maps, maps * 2)
+  with pytest.raises(ValueError, match=r"\(2, 4, 4, 3\).*\(2, 2, 2, 3\)"):
+    losses.hierarchical_context_loss(maps, [np.zeros((2, 2, 2, 3), np.float32)])

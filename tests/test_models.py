@@ -249,3 +249,48 @@ def test_auto_compute_dtype_is_float32_on_cpu_and_unknown_names_are_refused():
   assert network.resolve_compute_dtype("bfloat16") == "bfloat16"
   with pytest.raises(UserInputError, match="unknown compute_dtype 'fp8'"):
     network.resolve_compute_dtype("fp8")
+
+
+# (model, input size, [(height, channels) of each stage], pooled width): one model per family.
+FEATURE_SHAPES = [
+    ("dsconv_student", 16, [(8, 64), (8, 128), (8, 256)], 256),
+    ("resnet8", 16, [(16, 16), (8, 32), (4, 64)], 64),
+    ("wrn_16_1", 16, [(16, 16), (8, 32), (4, 64)], 64),
+    ("resnet18", 32, [(8, 64), (4, 128), (2, 256), (1, 512)], 512),
+    ("resnet50", 32, [(8, 256), (4, 512), (2, 1024), (1, 2048)], 2048),
+    ("mobilenet_v2", 32, [(16, 16), (8, 24), (4, 32), (2, 96), (1, 320)], 1280),
+]
+
+
+@pytest.mark.parametrize("name, size, stages, pooled", FEATURE_SHAPES)
+def test_features_are_named_stage_outputs_and_the_pooled_embedding(name, size, stages, pooled):
+  model = _abstract_model(name, num_classes=7)
+  x = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+  logits, features = nnx.eval_shape(lambda m, x: m.with_features(x), model, x)
+  assert logits.shape == (2, 7)
+  want = {"pooled": (2, pooled)}
+  for k, (height, channels) in enumerate(stages, start=1):
+    want[f"stage{k}"] = want[f"stage{k}_preact"] = (2, height, height, channels)
+  assert {key: f.shape for key, f in features.items()} == want
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("name", ["dsconv_student", "resnet8", "wrn_16_1"])
+def test_features_leave_the_logits_and_batch_stats_as_they_are(name, train):
+  # The shapes of test_small_models_run_on_8x8_inputs, to reuse compilations.
+  net, variables = network.create_network(name, num_classes=10, in_channels=1, seed=0)
+  images = _normal((2, 8, 8, 1))
+  logits, stats = net.apply(variables, images, train=train)
+  with_features, features, stats_with_features = net.apply_with_features(
+      variables, images, train=train
+  )
+  # dsconv_student's logits-only path fuses its last batch norm, ReLU and pool in training.
+  tolerance = 1e-6 if name == "dsconv_student" and train else 0
+  np.testing.assert_allclose(with_features, logits, rtol=tolerance, atol=tolerance)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats_with_features)):
+    np.testing.assert_allclose(a, b, rtol=tolerance, atol=tolerance)
+  if name in ("dsconv_student", "resnet8"):  # their stages end in a ReLU
+    np.testing.assert_array_equal(features["stage3"], np.maximum(features["stage3_preact"], 0))
+    np.testing.assert_allclose(
+        features["pooled"], features["stage3"].mean((1, 2)), rtol=1e-5, atol=1e-6
+    )

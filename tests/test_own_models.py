@@ -93,3 +93,12 @@ def test_notebook_snippet_runs_outside_the_repository(tmp_path):
   with open(tmp_path / "kd_notebook_run" / "report.json") as f:
     report = json.load(f)
   assert (top1, kd_gain) == (report["student"]["top1"], report["comparison"]["kd_gain"])
+
+
+def test_a_feature_method_with_a_model_without_features_is_one_line_up_front(tmp_path, monkeypatch):
+  monkeypatch.syspath_prepend(EXAMPLES)
+  workdir = tmp_path / "run"
+  overrides = {"student.model": "my_student:make_student", "student.width_multiplier": 1.0}
+  with pytest.raises(UserInputError, match="'my_student:make_student' provides no features"):
+    pipeline.train_and_evaluate(small_config(**overrides, **{"distill.method": "at"}), str(workdir))
+  assert not (workdir / "teacher").exists()

@@ -77,6 +77,8 @@ BAD_VALUES = {
     "distill.dkd_beta": [-8.0, None],
     "distill.dkd_ce_weight": [-1.0, "1"],
     "distill.dkd_warmup_epochs": [0, -20],
+    "distill.at_weight": [-1.0, "1000"],
+    "distill.fitnet_weight": [-100.0, None],
     "baseline.enabled": ["true", 1],
     "checkpoint.every_steps": [-1, 2.5],
     "checkpoint.keep": [0, -3, "3"],
@@ -170,6 +172,7 @@ def test_every_shipped_config_passes(name):
             {"data.teacher_logits_dir": "logits", "data.source": "folder", "data.dir": "tree"},
             "distill.mode='online'",
         ),
+        ({"distill.method": "at", "distill.mode": "offline"}, "set distill.mode=online"),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused(overrides, message):
