@@ -107,7 +107,9 @@ class ContrastiveHeads(nnx.Module):
     )
     self.student_memory = MemoryBank(memories_2xNxD[0])
     self.teacher_memory = MemoryBank(memories_2xNxD[1])
-    self.normalizers = MemoryBank(jnp.full((2,), -1.0))  # student anchors', teacher anchors'
+    # Student anchors', teacher anchors'. Strictly float32, as the step returns them: a weak
+    # type here would make the step's second call compile it again.
+    self.normalizers = MemoryBank(jnp.full((2,), -1.0, jnp.float32))
 
   def __call__(
       self, student_BxF: jax.Array, teacher_BxF: jax.Array, index_B: jax.Array, negatives_BxN

@@ -324,3 +324,22 @@ def test_crd_refuses_offline_distillation_in_one_line():
   with pytest.raises(UserInputError, match="distill.method=crd .* set distill.mode=online") as e:
     methods.check(_distill(method="crd", mode="offline"))
   assert "\n" not in str(e.value)
+
+
+class _NoPooledFeatures(nnx.Module):
+  """A user's model whose features lack "pooled"."""
+
+  def __init__(self):
+    self.fc = nnx.Linear(3, 10, rngs=nnx.Rngs(0))
+
+  def __call__(self, x_BxHxWxC):
+    return self.fc(x_BxHxWxC.mean((1, 2)))
+
+  def with_features(self, x_BxHxWxC):
+    return self(x_BxHxWxC), {"stage1": x_BxHxWxC}
+
+
+def test_crd_refuses_a_model_without_pooled_features():
+  student, teacher = _abstract_network("resnet8"), split_model("mine", _NoPooledFeatures())
+  with pytest.raises(UserInputError, match="'pooled' feature, which the teacher gives none of"):
+    _feature_method("crd", student, teacher, (8, 8, 3))
