@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.distill = ml_collections.ConfigDict(
       dict(
-          method="kd",  # kd | dkd | at | fitnet (at and fitnet: online only)
+          method="kd",  # kd | dkd | at | fitnet | crd (at, fitnet and crd: online only)
           mode="online",  # online: teacher inside the step | offline: its stored logits
           cache_dtype="float16",  # offline: how the teacher's logits are stored
           cache="plain",  # offline: plain (unaugmented images) | consistent (the student's views)
@@ -114,6 +114,9 @@ def get_config() -> ml_collections.ConfigDict:
           dkd_warmup_epochs=20,  # dkd: the DKD term's weight rises linearly over these
           at_weight=1000.0,  # at: weight of attention transfer (CE weighs 1)
           fitnet_weight=100.0,  # fitnet: weight of the hint's MSE (CE weighs 1)
+          crd_weight=0.8,  # crd: weight of the contrastive (NCE) loss (CE weighs 1)
+          crd_negatives=16384,  # crd: negatives per example, drawn from the memory each step
+          crd_with_kd=False,  # crd: kd's objective (alpha, temperature, ...) in place of CE
       )
   )
 

@@ -7,6 +7,9 @@
           the stage outputs
   fitnet  FitNets (Romero et al., 2015): CE + fitnet_weight MSE(regressor(student
           stage2), teacher stage2)
+  crd     contrastive representation distillation (Tian et al., 2020): CE (or, with
+          crd_with_kd, kd's objective) + crd_weight NCE between embeddings of the
+          pooled features and a memory of every training example
 
 kd and dkd can standardise the logits inside the distillation term (Sun et al.,
 2024), and `loss_scale` multiplies their whole objective (logit
@@ -14,14 +17,14 @@ standardisation's recipe is CE 1 + KD 9: alpha 0.9 with loss_scale 10).
 Every weight that changes over the run is computed from the step number, so
 the jitted step never recompiles.
 
-at and fitnet are feature methods: they compare the models' named features
-(kd_jax.models), so their teacher runs inside the step, and fitnet trains a
-connector (kd_jax.connectors) with the student. Their weights are RepDistiller's.
+at, fitnet and crd are feature methods: they compare the models' named features
+(kd_jax.models), so their teacher runs inside the step, and fitnet and crd train
+connectors (kd_jax.connectors) with the student. Their weights are RepDistiller's.
 """
 
 import dataclasses
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +35,7 @@ from kd_jax.errors import UserInputError
 from kd_jax.models import Features
 from kd_jax.network import Network, Variables, split_model
 
-FEATURE_METHODS = ("at", "fitnet")
+FEATURE_METHODS = ("at", "fitnet", "crd")
 METHODS = ("kd", "dkd", *FEATURE_METHODS)
 # FitNets' hint and guided layers, RepDistiller's hint_layer=2 (its features: stem, 3 stages).
 FITNET_HINT = "stage2"
@@ -58,7 +61,10 @@ def check(distill_config) -> None:
 
 
 def make_objective(distill_config, steps_per_epoch: int, epochs: int) -> Objective:
-  """The distillation objective of `distill_config` (kd or dkd) for a run of `epochs`."""
+  """The distillation objective of `distill_config` (kd or dkd) for a run of `epochs`.
+
+  For crd, the kd objective of its settings (its term with `crd_with_kd`).
+  """
   check(distill_config)
   temperature_fn = schedules.temperature_schedule(distill_config, steps_per_epoch, epochs)
   standardize = distill_config.logit_standardization
@@ -93,7 +99,7 @@ def make_objective(distill_config, steps_per_epoch: int, epochs: int) -> Objecti
     loss = scale * (distill_config.dkd_ce_weight * ce + warmup * decoupled)
     return loss, {"ce": ce, "dkd": decoupled, "temperature": temperature}
 
-  return {"kd": kd, "dkd": dkd}[distill_config.method]
+  return {"kd": kd, "dkd": dkd, "crd": kd}[distill_config.method]
 
 
 def cross_entropy_objective(student_logits_BxC, teacher_logits_BxC, labels_B, step):
@@ -102,10 +108,19 @@ def cross_entropy_objective(student_logits_BxC, teacher_logits_BxC, labels_B, st
   return losses.cross_entropy(student_logits_BxC, labels_B), {}
 
 
-# objective(student_logits_BxC, student_features, teacher_features, labels_B, connector_variables)
+class StepData(NamedTuple):
+  """What a feature objective may read of its step besides logits, features and labels."""
+
+  step: jax.Array
+  index_B: jax.Array  # each example's place in the training set (the batch's "index")
+  teacher_logits_BxC: jax.Array
+
+
+# objective(student_logits_BxC, student_features, teacher_features, labels_B,
+#           connector_variables, step_data)
 #   -> (loss, the connectors' batch statistics after the pass (None without), parts)
 FeatureObjective = Callable[
-    [jax.Array, Features, Features, jax.Array, Variables | None],
+    [jax.Array, Features, Features, jax.Array, Variables | None, StepData],
     tuple[jax.Array, nnx.State | None, dict],
 ]
 
@@ -138,10 +153,15 @@ def make_feature_method(
     teacher: tuple[Network, Variables],
     image_shape,
     seed: int,
+    *,
+    num_train: int,
+    steps_per_epoch: int,
+    epochs: int,
 ) -> FeatureMethod:
   """The feature method of `distill_config` between two networks, its connectors from `seed`.
 
   Both models must have `with_features` (kd_jax.models; settings.check_feature_method).
+  The run it is for has `num_train` training examples and `epochs` of `steps_per_epoch`.
 
   Raises:
     UserInputError: for features the method cannot pair.
@@ -150,6 +170,9 @@ def make_feature_method(
   student_shapes, teacher_shapes = (feature_shapes(*n, image_shape) for n in (student, teacher))
   if distill_config.method == "at":
     return _attention_transfer(distill_config, student_shapes, teacher_shapes)
+  if distill_config.method == "crd":
+    kd = make_objective(distill_config, steps_per_epoch, epochs)
+    return _crd(distill_config, student_shapes, teacher_shapes, num_train, seed, kd)
   return _fitnet(distill_config, student_shapes, teacher_shapes, student[0].compute_dtype, seed)
 
 
@@ -159,8 +182,10 @@ def _attention_transfer(distill_config, student_shapes, teacher_shapes) -> Featu
   student_names = _stage_outputs(student_shapes)[-pairs:]
   teacher_names = _stage_outputs(teacher_shapes)[-pairs:]
 
-  def objective(student_logits_BxC, student_features, teacher_features, labels_B, connector_vars):
-    del connector_vars  # AT trains no connectors
+  def objective(
+      student_logits_BxC, student_features, teacher_features, labels_B, connector_vars, step_data
+  ):
+    del connector_vars, step_data  # AT trains no connectors, and needs nothing more
     ce = losses.cross_entropy(student_logits_BxC, labels_B)
     at = losses.attention_transfer_loss(
         [student_features[name] for name in student_names],
@@ -181,7 +206,10 @@ def _fitnet(distill_config, student_shapes, teacher_shapes, compute_dtype, seed)
       compute_dtype,
   )
 
-  def objective(student_logits_BxC, student_features, teacher_features, labels_B, regressor_vars):
+  def objective(
+      student_logits_BxC, student_features, teacher_features, labels_B, regressor_vars, step_data
+  ):
+    del step_data  # FitNets needs nothing more of the step
     ce = losses.cross_entropy(student_logits_BxC, labels_B)
     hint_BxHxWxC = student_features[FITNET_HINT]
     regressed, batch_stats = regressor.apply(regressor_vars, hint_BxHxWxC, train=True)
@@ -189,3 +217,61 @@ def _fitnet(distill_config, student_shapes, teacher_shapes, compute_dtype, seed)
     return ce + distill_config.fitnet_weight * hint, batch_stats, {"ce": ce, "hint": hint}
 
   return FeatureMethod(variables, objective)
+
+
+# What CRD embeds of each network: its pooled features (RepDistiller's last feature).
+CRD_FEATURE = "pooled"
+
+
+def _crd(distill_config, student_shapes, teacher_shapes, num_train, seed, kd) -> FeatureMethod:
+  """CRD: embedding heads on both pooled features and a memory of `num_train` examples.
+
+  The objective is CE (or, with `crd_with_kd`, the `kd` objective) plus crd_weight times the
+  NCE loss of both directions; each step draws crd_negatives negatives per example from a
+  key of (seed, step), so a resumed run draws what an uninterrupted one would.
+  """
+  for network, shapes in (("student", student_shapes), ("teacher", teacher_shapes)):
+    if CRD_FEATURE not in shapes:
+      raise UserInputError(
+          f"distill.method=crd embeds each model's {CRD_FEATURE!r} feature, which the "
+          f"{network} gives none of: return it from with_features (docs/own_models.md)"
+      )
+  heads = connectors.ContrastiveHeads(
+      student_shapes[CRD_FEATURE].shape[-1],
+      teacher_shapes[CRD_FEATURE].shape[-1],
+      num_train,
+      rngs=nnx.Rngs(seed),
+  )
+  graph, params, memory = nnx.split(heads, nnx.Param, nnx.BatchStat)
+
+  def objective(
+      student_logits_BxC, student_features, teacher_features, labels_B, heads_vars, step_data
+  ):
+    heads = nnx.merge(graph, heads_vars.params, heads_vars.batch_stats, copy=True)
+    shape = (labels_B.shape[0], distill_config.crd_negatives)
+    negatives_BxN = crd_negatives(seed, step_data.step, shape, num_train)
+    crd = heads(
+        student_features[CRD_FEATURE],
+        teacher_features[CRD_FEATURE],
+        step_data.index_B,
+        negatives_BxN,
+    )
+    if distill_config.crd_with_kd:
+      loss, parts = kd(student_logits_BxC, step_data.teacher_logits_BxC, labels_B, step_data.step)
+    else:
+      loss = losses.cross_entropy(student_logits_BxC, labels_B)
+      parts = {"ce": loss}
+    loss = loss + distill_config.crd_weight * crd
+    return loss, nnx.state(heads, nnx.BatchStat), {**parts, "crd": crd}
+
+  return FeatureMethod(Variables(params, memory), objective)
+
+
+def crd_negatives(seed: int, step: jax.Array, shape: tuple[int, int], num_train: int) -> jax.Array:
+  """The memory rows that each example of `step` is contrasted with: `shape` (B, N) of them.
+
+  Uniform over the training set, with replacement, as CRD's ContrastMemory draws them; a
+  pure function of (seed, step), from a key apart from the augmentation's.
+  """
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), 1)
+  return jax.random.randint(key, shape, 0, num_train, dtype=jnp.int32)

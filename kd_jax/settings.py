@@ -143,6 +143,9 @@ RULES: dict[str, Rule] = {
     "distill.dkd_warmup_epochs": _POSITIVE,
     "distill.at_weight": _NON_NEGATIVE,
     "distill.fitnet_weight": _NON_NEGATIVE,
+    "distill.crd_weight": _NON_NEGATIVE,
+    "distill.crd_negatives": _whole(">= 1", lambda v: v >= 1),
+    "distill.crd_with_kd": _FLAG,
     "baseline.enabled": _FLAG,
     "checkpoint.every_steps": _whole(">= 0 (0: only at epoch ends)", lambda v: v >= 0),
     "checkpoint.keep": _whole(">= 1", lambda v: v >= 1),
@@ -298,7 +301,10 @@ def check_feature_method(config: ml_collections.ConfigDict, *, num_classes: int,
           "(docs/own_models.md) or use distill.method=kd"
       )
     networks.append(split_model(stage_config.model, model))
-  methods.make_feature_method(config.distill, *networks, image_shape, seed=0)
+  # The run's size does not change whether the features pair.
+  methods.make_feature_method(
+      config.distill, *networks, image_shape, seed=0, num_train=1, steps_per_epoch=1, epochs=1
+  )
 
 
 def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:

@@ -91,8 +91,9 @@ def make_train_step(
           teacher_variables, batch, x
       )
       x = _teacher_first(x, teacher_logits_BxC)
+      step_data = methods.StepData(state.step, batch["index"], teacher_logits_BxC)
       loss_fn = _feature_loss_fn(
-          network, feature_method.objective, state, x, teacher_features, labels_B
+          network, feature_method.objective, state, x, teacher_features, labels_B, step_data
       )
     else:
       teacher_logits_BxC = None
@@ -143,7 +144,7 @@ def _logits_loss_fn(network, objective, state, x, teacher_logits_BxC, labels_B):
   return loss_fn
 
 
-def _feature_loss_fn(network, objective, state, x, teacher_features, labels_B):
+def _feature_loss_fn(network, objective, state, x, teacher_features, labels_B, step_data):
   """loss_fn(trainable) -> (loss, (logits, batch statistics, parts)) of a feature method.
 
   `trainable` and the batch statistics are shaped as `state.trainable()`.
@@ -158,7 +159,7 @@ def _feature_loss_fn(network, objective, state, x, teacher_features, labels_B):
         Variables(params, state.variables.batch_stats), x, train=True
     )
     loss, connector_stats, parts = objective(
-        logits_BxC, features, teacher_features, labels_B, connectors
+        logits_BxC, features, teacher_features, labels_B, connectors, step_data
     )
     if connectors is not None:
       batch_stats = (batch_stats, connector_stats)
@@ -356,6 +357,9 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
         (stage.teacher.network, stage.teacher.variables),
         data.image_shape,
         stage.seed,
+        num_train=data.num_train,
+        steps_per_epoch=steps,
+        epochs=epochs,
     )
   elif stage.teacher is not None:
     objective = methods.make_objective(config.distill, steps, epochs)

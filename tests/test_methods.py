@@ -53,7 +53,7 @@ def test_dkd_objective_warms_up_over_epochs(step, weight):
   np.testing.assert_allclose(float(parts["dkd"]), float(decoupled), rtol=1e-6)
 
 
-@pytest.mark.parametrize("field,value", [("method", "crd"), ("alpha", 1.5)])
+@pytest.mark.parametrize("field,value", [("method", "contrastive"), ("alpha", 1.5)])
 def test_bad_method_settings_are_named(field, value):
   with pytest.raises(UserInputError, match=f"distill.{field}"):
     methods.make_objective(_distill(**{field: value}), 1, 1)
@@ -92,6 +92,20 @@ def _abstract_network(name, **kwargs):
   return split_model(name, model)
 
 
+def _feature_method(name, student, teacher, image_shape, num_train=1, **distill):
+  """make_feature_method of `name` for a run of 5 steps, 1 epoch and `num_train` examples."""
+  config = _distill(method=name, **distill)
+  return methods.make_feature_method(
+      config, student, teacher, image_shape, 0, num_train=num_train, steps_per_epoch=5, epochs=1
+  )
+
+
+def _step_data(labels, step=0, index=None, teacher_logits=None):
+  """A step's StepData; the batch's examples are the first of the dataset unless `index`."""
+  index = np.arange(len(labels), dtype=np.int32) if index is None else index
+  return methods.StepData(jnp.int32(step), index, teacher_logits)
+
+
 def _random_features(network, image_shape, seed):
   shapes = methods.feature_shapes(*network, image_shape)
   rng = np.random.default_rng(seed)
@@ -100,12 +114,14 @@ def _random_features(network, image_shape, seed):
 
 def test_at_pairs_the_deepest_stage_outputs_with_weight_1000():
   student, teacher = _abstract_network("resnet8"), _abstract_network("resnet18")
-  method = methods.make_feature_method(_distill(method="at"), student, teacher, (16, 16, 3), 0)
+  method = _feature_method("at", student, teacher, (16, 16, 3))
   assert method.connector_variables is None
   student_features = _random_features(student, (16, 16, 3), 1)
   teacher_features = _random_features(teacher, (16, 16, 3), 2)
   logits, labels = STUDENT[:2], LABELS[:2]
-  loss, _, parts = method.objective(logits, student_features, teacher_features, labels, None)
+  loss, _, parts = method.objective(
+      logits, student_features, teacher_features, labels, None, _step_data(labels)
+  )
   # resnet8's three stages against resnet18's last three of four.
   at = losses.attention_transfer_loss(
       [student_features[f"stage{k}"] for k in (1, 2, 3)],
@@ -143,12 +159,13 @@ def test_fitnet_refuses_a_guided_layer_it_cannot_map_to_the_hint():
 
 def test_fitnet_objective_is_ce_plus_100_times_the_regressed_hint_mse():
   student, teacher = _abstract_network("resnet8"), _abstract_network("wrn_16_2")
-  method = methods.make_feature_method(_distill(method="fitnet"), student, teacher, (8, 8, 3), 0)
+  method = _feature_method("fitnet", student, teacher, (8, 8, 3))
   student_features = _random_features(student, (8, 8, 3), 3)
   teacher_features = _random_features(teacher, (8, 8, 3), 4)
   logits, labels = STUDENT[:2], LABELS[:2]
+  step_data = _step_data(labels)
   loss, stats, parts = method.objective(
-      logits, student_features, teacher_features, labels, method.connector_variables
+      logits, student_features, teacher_features, labels, method.connector_variables, step_data
   )
   # The regressor from its variables: 1x1 conv (resnet8's 32 channels to wrn_16_2's 64), BN, ReLU.
   params = method.connector_variables.params
@@ -191,3 +208,138 @@ def test_feature_methods_distil_the_quickstart(method, term, quickstart_run, tmp
   # The finished student (with its connectors) restores from its checkpoint as it was.
   again = pipeline.train_and_evaluate(config, str(tmp_path), may_train=False)
   assert again["student"]["top1"] == report["student"]["top1"]
+
+
+def _normalised(x):
+  return x / np.sqrt((x * x).sum(-1, keepdims=True))
+
+
+def _crd_reference(features, params, memories, normalizers, index, negatives):
+  """RepDistiller's CRDLoss in float64 NumPy: (loss, the memories after, the normalisers).
+
+  `features`, `params` and `memories` are (student's, teacher's) pairs; a normaliser
+  below 0 is taken from this batch.
+  """
+  embeddings = [
+      _normalised(f.astype(np.float64) @ p["kernel"] + p["bias"]) for f, p in zip(features, params)
+  ]
+  rows = np.concatenate([index[:, None], negatives], axis=1)
+  num_data, (batch, k) = len(memories[0]), rows.shape
+  noise = (k - 1) / num_data  # m * Pn: the negatives' share of the noise distribution
+  loss, new_normalizers = 0.0, []
+  # Student anchors against the teacher's memory, then the reverse (CRD's out_v1, out_v2).
+  for anchor, memory, z in zip(embeddings, memories[::-1], normalizers):
+    p = np.exp(np.einsum("bd,bkd->bk", anchor, memory[rows]) / 0.07)
+    z = p.mean() * num_data if z < 0 else z
+    p = p / z
+    log_d1 = np.log(p[:, 0] / (p[:, 0] + noise))
+    log_d0 = np.log(noise / (p[:, 1:] + noise))
+    loss += -(log_d1.sum() + log_d0.sum()) / batch
+    new_normalizers.append(z)
+  after = []
+  for memory, embedding in zip(memories, embeddings):
+    memory = memory.astype(np.float64).copy()
+    memory[index] = _normalised(0.5 * memory[index] + 0.5 * embedding)
+    after.append(memory)
+  return loss, after, new_normalizers
+
+
+def _numpy_tree(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64), nnx.to_pure_dict(tree))
+
+
+def test_crd_objective_is_ce_plus_0_8_nce_against_a_float64_reference():
+  student, teacher = _abstract_network("resnet8"), _abstract_network("wrn_16_2")
+  method = _feature_method("crd", student, teacher, (8, 8, 3), num_train=10, crd_negatives=6)
+  rng = np.random.default_rng(5)
+  labels = LABELS[:4]
+  logits = STUDENT[:4]
+  sizes = [methods.feature_shapes(*n, (8, 8, 3))["pooled"].shape[-1] for n in (student, teacher)]
+  variables = method.connector_variables
+  normalizers = [-1.0, -1.0]  # not taken yet
+  for step, index in enumerate([np.array([3, 0, 7, 9]), np.array([7, 2, 3, 5])]):
+    features = [rng.normal(size=(4, size)).astype(np.float32) for size in sizes]
+    negatives = methods.crd_negatives(0, jnp.int32(step), (4, 6), 10)
+    params = _numpy_tree(variables.params)
+    memory = _numpy_tree(variables.batch_stats)
+    want, want_memories, normalizers = _crd_reference(
+        features,
+        (params["student_head"], params["teacher_head"]),
+        (memory["student_memory"], memory["teacher_memory"]),
+        normalizers,
+        index,
+        np.asarray(negatives),
+    )
+    loss, state, parts = method.objective(
+        logits,
+        {"pooled": features[0]},
+        {"pooled": features[1]},
+        labels,
+        variables,
+        _step_data(labels, step, index.astype(np.int32)),
+    )
+    np.testing.assert_allclose(float(parts["crd"]), want, rtol=1e-5)
+    ce = float(losses.cross_entropy(logits, labels))
+    np.testing.assert_allclose(float(loss), ce + 0.8 * want, rtol=1e-5)
+    got = _numpy_tree(state)
+    np.testing.assert_allclose(got["normalizers"], normalizers, rtol=1e-5)  # the first step's
+    for name, want_memory in zip(("student_memory", "teacher_memory"), want_memories):
+      np.testing.assert_allclose(got[name], want_memory, atol=1e-6)
+      untouched = np.setdiff1d(np.arange(10), index)
+      np.testing.assert_array_equal(got[name][untouched], memory[name][untouched])
+    variables = variables.replace(batch_stats=state)
+
+
+def test_crd_memory_moves_the_batch_rows_halfway_and_renormalises():
+  embeddings_BxD = np.array([[0, 1, 0, 0], [0, 0, 0.6, 0.8]], np.float32)
+  got = np.asarray(connectors.remember(jnp.eye(4), np.array([0, 3]), embeddings_BxD))
+  want = np.eye(4)
+  want[0] = np.array([1, 1, 0, 0]) / np.sqrt(2)  # normalise(0.5 * old + 0.5 * new)
+  want[3] = np.array([0, 0, 0.3, 0.9]) / np.sqrt(0.9)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_crd_with_kd_adds_the_kd_objective_in_place_of_ce():
+  student, teacher = _abstract_network("resnet8"), _abstract_network("wrn_16_2")
+  features = [_random_features(n, (8, 8, 3), seed) for n, seed in ((student, 6), (teacher, 7))]
+  logits, teacher_logits, labels = STUDENT[:2], TEACHER[:2], LABELS[:2]
+  step_data = _step_data(labels, step=3, teacher_logits=teacher_logits)
+  recipe = dict(num_train=4, crd_negatives=3, temperature=4.0, alpha=0.9, loss_scale=2.0)
+  results = {}
+  for with_kd in (False, True):
+    method = _feature_method("crd", student, teacher, (8, 8, 3), crd_with_kd=with_kd, **recipe)
+    results[with_kd] = method.objective(
+        logits, *features, labels, method.connector_variables, step_data
+    )
+  (plain, _, plain_parts), (with_kd, _, parts) = results[False], results[True]
+  assert parts["crd"] == plain_parts["crd"]  # the same heads and memory from the same seed
+  kd, _ = losses.distillation_loss(logits, teacher_logits, labels, 4.0, 0.9)
+  ce = losses.cross_entropy(logits, labels)
+  np.testing.assert_allclose(float(plain), float(ce + 0.8 * parts["crd"]), rtol=1e-6)
+  np.testing.assert_allclose(float(with_kd), float(2.0 * kd + 0.8 * parts["crd"]), rtol=1e-6)
+  assert float(parts["temperature"]) == 4.0 and "kl" in parts
+
+
+def test_crd_refuses_offline_distillation_in_one_line():
+  with pytest.raises(UserInputError, match="distill.method=crd .* set distill.mode=online") as e:
+    methods.check(_distill(method="crd", mode="offline"))
+  assert "\n" not in str(e.value)
+
+
+class _NoPooledFeatures(nnx.Module):
+  """A user's model whose features lack "pooled"."""
+
+  def __init__(self):
+    self.fc = nnx.Linear(3, 10, rngs=nnx.Rngs(0))
+
+  def __call__(self, x_BxHxWxC):
+    return self.fc(x_BxHxWxC.mean((1, 2)))
+
+  def with_features(self, x_BxHxWxC):
+    return self(x_BxHxWxC), {"stage1": x_BxHxWxC}
+
+
+def test_crd_refuses_a_model_without_pooled_features():
+  student, teacher = _abstract_network("resnet8"), split_model("mine", _NoPooledFeatures())
+  with pytest.raises(UserInputError, match="'pooled' feature, which the teacher gives none of"):
+    _feature_method("crd", student, teacher, (8, 8, 3))

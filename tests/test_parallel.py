@@ -87,15 +87,15 @@ def test_four_devices_train_as_one(four_device_run, tmp_path):
     assert json.load(f)["student"]["devices"] == 4
 
 
-# Two distillation steps of a tiny student and teacher, on a mesh of one device and on
-# a mesh of four, from the same start: prints how far the results are apart.
+# Two distillation steps (method: the argument) of a tiny student and teacher, on a mesh of
+# one device and on a mesh of four, from the same start: prints how far the results are apart.
 _ONE_STEP_PROBE = """
-import json
+import itertools, json, sys
 import jax, numpy as np
 from jax.sharding import Mesh
 from configs import default
 from kd_jax import methods, optim, parallel, train
-from kd_jax.data import Dataset, in_memory, placement
+from kd_jax.data import Dataset, in_memory
 from kd_jax.network import create_network
 from kd_jax.teachers import OnlineTeacher
 
@@ -106,6 +106,7 @@ dataset = Dataset(
     tuple(str(i) for i in range(10)),
 )
 config = default.get_config()
+config.distill.update(method=sys.argv[1], crd_negatives=32)
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
   mesh = Mesh(np.array(devices), (parallel.DATA_AXIS,))
@@ -119,21 +120,27 @@ for devices in (jax.devices()[:1], jax.devices()):
   optimizer = optim.make_optimizer(
       default.optimizer_config(name="sgd"), steps_per_epoch=2, epochs=1, batch_size=16
   )
+  feature_method = None
+  if config.distill.method in methods.FEATURE_METHODS:
+    feature_method = methods.make_feature_method(
+        config.distill, (student, variables), (teacher, teacher_variables), (8, 8, 1), 0,
+        num_train=64, steps_per_epoch=4, epochs=1,
+    )
   step = train.make_train_step(
       student, optimizer, data, seed=0, mesh=mesh, teacher=OnlineTeacher(teacher, teacher_variables),
-      objective=methods.make_objective(config.distill, 2, 1),
+      objective=methods.make_objective(config.distill, 2, 1), feature_method=feature_method,
   )
-  state = jax.device_put(
-      train.TrainState(np.int32(0), variables, optimizer.init(variables.params)),
-      parallel.replicated(mesh),
-  )
-  gather = placement.make_gather(mesh)
+  connectors = feature_method and feature_method.connector_variables
+  state = train.TrainState(np.int32(0), variables, None, connectors)
+  state = state.replace(opt_state=optimizer.init(state.trainable()))
+  state = jax.device_put(state, parallel.replicated(mesh))
   losses = []
-  for indices in list(placement.epoch_indices(0, 0, data.num_train, 16))[:2]:
-    batch = gather({"image": data.train_images, "label": data.train_labels}, indices)
+  for batch in itertools.islice(data.train_batches(0, 0, 0, 16), 2):
     state, metrics = step(state, batch, teacher_variables)
     losses.append(float(metrics["loss"]))
-  results.append((losses, jax.tree.map(np.asarray, jax.device_get(state.variables))))
+  # The student's variables, and a feature method's connectors (CRD's memory among them).
+  trained = jax.device_get((state.variables, state.connectors))
+  results.append((losses, jax.tree.map(np.asarray, trained)))
 (losses_1, variables_1), (losses_4, variables_4) = results
 print(json.dumps({
     "devices": jax.device_count(),
@@ -147,11 +154,13 @@ print(json.dumps({
 """
 
 
-def test_two_steps_on_four_devices_equal_one_device():
+@pytest.mark.parametrize("method", ["kd", "crd"])
+def test_two_steps_on_four_devices_equal_one_device(method):
   # The same steps, batch statistics and gradients over the global batch either
   # way: only the order of float sums differs, so the results agree to float
   # precision (a sharding error, e.g. per-device statistics, is off by far more).
-  output = _python_on_four_devices("-c", _ONE_STEP_PROBE).stdout
+  # CRD's memory is replicated and updated with the whole batch's rows on every device.
+  output = _python_on_four_devices("-c", _ONE_STEP_PROBE, method).stdout
   report = json.loads(output.strip().splitlines()[-1])
   assert report["devices"] == 4
   # oneDNN's calls cannot split a batch over devices: several take XLA's convolutions.

@@ -115,8 +115,12 @@ def test_streamed_batches_are_the_in_memory_batches(request, kind, tree, image_s
         streamed.train_batches(seed, epoch, start, batch_size),
         strict=True,
     )
+    order_SxB = placement.epoch_indices(seed, epoch, 36, batch_size)
     for position, (held, read) in enumerate(pairs, start):
       np.testing.assert_array_equal(read["label"], held["label"])
+      # Each example's place in the dataset, as a contrastive memory indexes it.
+      np.testing.assert_array_equal(held["index"], order_SxB[position])
+      np.testing.assert_array_equal(read["index"], held["index"])
       # What the student sees: augmented in the step, or (resized crops) cropped on the host.
       step = epoch * steps + position
       expected = held_data.student_view(seed, step, held["image"])

@@ -28,6 +28,7 @@ class DeviceData:
 
   train_images: jax.Array
   train_labels: jax.Array  # by row, replicated
+  train_index: jax.Array  # by row, each row's example in one-process order, replicated
   train_layout: RowLayout
   test_images: jax.Array
   test_layout: RowLayout
@@ -64,8 +65,9 @@ class DeviceData:
   def train_batches(
       self, seed: int, epoch: int, start: int, batch_size: int, per_example: dict | None = None
   ) -> Iterator[dict]:
-    """The global batches of steps `start`.. of `epoch`: "image", "label" and any `per_example` rows."""
-    arrays = {"image": self.train_images, "label": self.train_labels}
+    """The global batches of steps `start`.. of `epoch`: "image", "label", "index" and any
+    `per_example` rows."""
+    arrays = {"image": self.train_images, "label": self.train_labels, "index": self.train_index}
     if per_example:
       arrays["teacher_logits"] = per_example
     rows_SxB = self.train_layout.rows[epoch_indices(seed, epoch, self.num_train, batch_size)]
@@ -103,9 +105,11 @@ def put_on_device(dataset: Dataset, mesh, data_config) -> DeviceData:
   mean_C, std_C = stats
   # Labels are small: every process keeps all of them.
   train_labels = train.gather_all(dataset.train_labels.astype(np.int32))
+  train_index = train.by_row(np.arange(len(train.rows), dtype=np.int32))
   return DeviceData(
       train.spread(dataset.train_images, mesh),
       jax.device_put(train_labels, parallel.replicated(mesh)),
+      jax.device_put(train_index, parallel.replicated(mesh)),
       train,
       test.spread(dataset.test_images, mesh),
       test,

@@ -49,7 +49,8 @@ class TrainingData(Protocol):
   def train_batches(
       self, seed: int, epoch: int, start: int, batch_size: int, per_example: Any = None
   ) -> Iterator[dict]:
-    """The global batches of steps `start`.. of `epoch`: "image" (uint8), "label" and,
+    """The global batches of steps `start`.. of `epoch`: "image" (uint8), "label", "index"
+    (each example's place in one-process order, the same whatever the process count) and,
     with `per_example` (from `put_per_example`), each example's rows of it as "teacher_logits"."""
 
   def student_view(self, seed: int, step: jax.Array, images_BxHxWxC: jax.Array) -> jax.Array:

@@ -121,15 +121,22 @@ class StreamedData:
 
   def put_per_example(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This process's rows of per-example arrays given for every example (one-process order)."""
-    first = int(self._train_counts[: jax.process_index()].sum())
+    first = self._first_example
     return {name: a[first : first + len(self._dataset.train)] for name, a in stored.items()}
+
+  @property
+  def _first_example(self) -> int:
+    """Where this process's share of the training examples starts in one-process order."""
+    return int(self._train_counts[: jax.process_index()].sum())
 
   def train_batches(
       self, seed: int, epoch: int, start: int, batch_size: int, per_example: dict | None = None
   ) -> Iterator[dict]:
-    """The global batches of steps `start`.. of `epoch`: "image", "label" and any `per_example` rows."""
+    """The global batches of steps `start`.. of `epoch`: "image", "label", "index" and any
+    `per_example` rows."""
     order_SxB = stream_order(seed, epoch, self._train_counts, jax.process_index(), batch_size)
     steps = len(order_SxB)
+    first = self._first_example
 
     def make_batch(position: int) -> dict:
       indices_B = order_SxB[position]
@@ -138,12 +145,14 @@ class StreamedData:
       batch = {
           "image": np.stack(self._host_views(seed, epoch * steps + position, images)),
           "label": np.asarray([label for _, label in examples], np.int32),
+          "index": first + indices_B,
       }
       if per_example:
         batch["teacher_logits"] = {name: a[indices_B] for name, a in per_example.items()}
       return batch
 
-    return self._stream(range(start, steps), make_batch, ("image", "label", "teacher_logits"))
+    on_device = ("image", "label", "index", "teacher_logits")
+    return self._stream(range(start, steps), make_batch, on_device)
 
   def _host_views(self, seed: int, step: int, images: list[np.ndarray]) -> list[np.ndarray]:
     """This process's images of `step` as the step takes them: resized, or cropped.
