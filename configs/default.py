@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.distill = ml_collections.ConfigDict(
       dict(
-          method="kd",  # kd | dkd | at | fitnet (at and fitnet: online only)
+          method="kd",  # kd | dkd | at | fitnet | reviewkd (the last three: online only)
           mode="online",  # online: teacher inside the step | offline: its stored logits
           cache_dtype="float16",  # offline: how the teacher's logits are stored
           cache="plain",  # offline: plain (unaugmented images) | consistent (the student's views)
@@ -114,6 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
           dkd_warmup_epochs=20,  # dkd: the DKD term's weight rises linearly over these
           at_weight=1000.0,  # at: weight of attention transfer (CE weighs 1)
           fitnet_weight=100.0,  # fitnet: weight of the hint's MSE (CE weighs 1)
+          reviewkd_weight=1.0,  # reviewkd: weight of the hierarchical context loss (CE weighs 1)
+          reviewkd_warmup_epochs=20,  # reviewkd: its weight rises linearly over these
       )
   )
 

@@ -7,6 +7,9 @@
           the stage outputs
   fitnet  FitNets (Romero et al., 2015): CE + fitnet_weight MSE(regressor(student
           stage2), teacher stage2)
+  reviewkd  ReviewKD (Chen et al., 2021): CE + reviewkd_weight w(e) HCL(fused student
+          stages, teacher stages), w(e) rising linearly to 1 over the first
+          reviewkd_warmup_epochs epochs
 
 kd and dkd can standardise the logits inside the distillation term (Sun et al.,
 2024), and `loss_scale` multiplies their whole objective (logit
@@ -14,9 +17,10 @@ standardisation's recipe is CE 1 + KD 9: alpha 0.9 with loss_scale 10).
 Every weight that changes over the run is computed from the step number, so
 the jitted step never recompiles.
 
-at and fitnet are feature methods: they compare the models' named features
-(kd_jax.models), so their teacher runs inside the step, and fitnet trains a
-connector (kd_jax.connectors) with the student. Their weights are RepDistiller's.
+at, fitnet and reviewkd are feature methods: they compare the models' named
+features (kd_jax.models), so their teacher runs inside the step, and fitnet and
+reviewkd train connectors (kd_jax.connectors) with the student. The weights of
+at and fitnet are RepDistiller's, reviewkd's its own code's.
 """
 
 import dataclasses
@@ -32,7 +36,7 @@ from kd_jax.errors import UserInputError
 from kd_jax.models import Features
 from kd_jax.network import Network, Variables, split_model
 
-FEATURE_METHODS = ("at", "fitnet")
+FEATURE_METHODS = ("at", "fitnet", "reviewkd")
 METHODS = ("kd", "dkd", *FEATURE_METHODS)
 # FitNets' hint and guided layers, RepDistiller's hint_layer=2 (its features: stem, 3 stages).
 FITNET_HINT = "stage2"
@@ -57,6 +61,12 @@ def check(distill_config) -> None:
     )
 
 
+def warmup_factor(step: jax.Array, steps_per_epoch: int, warmup_epochs) -> jax.Array:
+  """min(epoch / warmup_epochs, 1), epoch the 1-based epoch of `step` (DKD's, ReviewKD's code)."""
+  epoch = step // steps_per_epoch + 1
+  return jnp.minimum(epoch / warmup_epochs, 1.0)
+
+
 def make_objective(distill_config, steps_per_epoch: int, epochs: int) -> Objective:
   """The distillation objective of `distill_config` (kd or dkd) for a run of `epochs`."""
   check(distill_config)
@@ -78,8 +88,7 @@ def make_objective(distill_config, steps_per_epoch: int, epochs: int) -> Objecti
 
   def dkd(student_logits_BxC, teacher_logits_BxC, labels_B, step):
     temperature = temperature_fn(step)
-    epoch = step // steps_per_epoch + 1  # 1-based, as in the paper's code
-    warmup = jnp.minimum(epoch / distill_config.dkd_warmup_epochs, 1.0)
+    warmup = warmup_factor(step, steps_per_epoch, distill_config.dkd_warmup_epochs)
     ce = losses.cross_entropy(student_logits_BxC, labels_B)
     decoupled = losses.dkd_loss(
         student_logits_BxC,
@@ -102,10 +111,10 @@ def cross_entropy_objective(student_logits_BxC, teacher_logits_BxC, labels_B, st
   return losses.cross_entropy(student_logits_BxC, labels_B), {}
 
 
-# objective(student_logits_BxC, student_features, teacher_features, labels_B, connector_variables)
-#   -> (loss, the connectors' batch statistics after the pass (None without), parts)
+# objective(student_logits_BxC, student_features, teacher_features, labels_B, connector_variables,
+#           step) -> (loss, the connectors' batch statistics after the pass (None without), parts)
 FeatureObjective = Callable[
-    [jax.Array, Features, Features, jax.Array, Variables | None],
+    [jax.Array, Features, Features, jax.Array, Variables | None, jax.Array],
     tuple[jax.Array, nnx.State | None, dict],
 ]
 
@@ -138,19 +147,25 @@ def make_feature_method(
     teacher: tuple[Network, Variables],
     image_shape,
     seed: int,
+    steps_per_epoch: int,
 ) -> FeatureMethod:
   """The feature method of `distill_config` between two networks, its connectors from `seed`.
 
   Both models must have `with_features` (kd_jax.models; settings.check_feature_method).
+  `steps_per_epoch` times the warm-ups that count epochs.
 
   Raises:
     UserInputError: for features the method cannot pair.
   """
   check(distill_config)
   student_shapes, teacher_shapes = (feature_shapes(*n, image_shape) for n in (student, teacher))
+  compute_dtype = student[0].compute_dtype
   if distill_config.method == "at":
     return _attention_transfer(distill_config, student_shapes, teacher_shapes)
-  return _fitnet(distill_config, student_shapes, teacher_shapes, student[0].compute_dtype, seed)
+  if distill_config.method == "reviewkd":
+    shapes = (student_shapes, teacher_shapes)
+    return _reviewkd(distill_config, shapes, compute_dtype, seed, steps_per_epoch)
+  return _fitnet(distill_config, student_shapes, teacher_shapes, compute_dtype, seed)
 
 
 def _attention_transfer(distill_config, student_shapes, teacher_shapes) -> FeatureMethod:
@@ -159,8 +174,10 @@ def _attention_transfer(distill_config, student_shapes, teacher_shapes) -> Featu
   student_names = _stage_outputs(student_shapes)[-pairs:]
   teacher_names = _stage_outputs(teacher_shapes)[-pairs:]
 
-  def objective(student_logits_BxC, student_features, teacher_features, labels_B, connector_vars):
-    del connector_vars  # AT trains no connectors
+  def objective(
+      student_logits_BxC, student_features, teacher_features, labels_B, connector_vars, step
+  ):
+    del connector_vars, step  # AT trains no connectors and keeps its weight
     ce = losses.cross_entropy(student_logits_BxC, labels_B)
     at = losses.attention_transfer_loss(
         [student_features[name] for name in student_names],
@@ -181,11 +198,91 @@ def _fitnet(distill_config, student_shapes, teacher_shapes, compute_dtype, seed)
       compute_dtype,
   )
 
-  def objective(student_logits_BxC, student_features, teacher_features, labels_B, regressor_vars):
+  def objective(
+      student_logits_BxC, student_features, teacher_features, labels_B, regressor_vars, step
+  ):
+    del step  # FitNets keeps its weight
     ce = losses.cross_entropy(student_logits_BxC, labels_B)
     hint_BxHxWxC = student_features[FITNET_HINT]
     regressed, batch_stats = regressor.apply(regressor_vars, hint_BxHxWxC, train=True)
     hint = losses.fitnet_loss(regressed, teacher_features[FITNET_HINT])
     return ce + distill_config.fitnet_weight * hint, batch_stats, {"ce": ce, "hint": hint}
+
+  return FeatureMethod(variables, objective)
+
+
+def _reviewkd_pairs(student_shapes: Features, teacher_shapes: Features):
+  """(student names, teacher names) that ReviewKD pairs: stages from the deepest, then "pooled".
+
+  As ReviewKD's code: the student's stage outputs against the teacher's before their last ReLU.
+
+  Raises:
+    UserInputError: for a missing feature, or maps whose sizes the fusion cannot pair.
+  """
+  student_stages, teacher_stages = _stage_outputs(student_shapes), _stage_outputs(teacher_shapes)
+  pairs = min(len(student_stages), len(teacher_stages))
+  student_names = [*student_stages[len(student_stages) - pairs :], "pooled"]
+  teacher_names = [f"{name}_preact" for name in teacher_stages[len(teacher_stages) - pairs :]]
+  teacher_names.append("pooled")
+  for side, names, shapes in (
+      ("student", student_names, student_shapes),
+      ("teacher", teacher_names, teacher_shapes),
+  ):
+    if not pairs or any(name not in shapes for name in names):
+      raise UserInputError(
+          f"distill.method=reviewkd needs the {side}'s features stage<k>, stage<k>_preact and "
+          f"pooled; it gives {', '.join(sorted(shapes)) or 'none'} (docs/own_models.md)"
+      )
+  for student_name, teacher_name in zip(student_names, teacher_names):
+    (s_h, s_w), (t_h, t_w) = (
+        _map_shape(shapes[name].shape)[1:3]
+        for shapes, name in ((student_shapes, student_name), (teacher_shapes, teacher_name))
+    )
+    if t_h % s_h or t_w % s_w:
+      raise UserInputError(
+          f"distill.method=reviewkd: the student's {student_name} is {s_h}x{s_w} and the "
+          f"teacher's {teacher_name} {t_h}x{t_w}; ReviewKD pairs maps of equal size or a "
+          "student map whose sides divide the teacher's (upsampled to it): pick a teacher "
+          "and student whose stage sizes fit"
+      )
+  return student_names, teacher_names
+
+
+def _map_shape(shape) -> tuple[int, ...]:
+  """A pooled embedding's (B, C) as a 1x1 map's (B, 1, 1, C); a map's (B, H, W, C) as it is."""
+  return tuple(shape) if len(shape) == 4 else (shape[0], 1, 1, shape[-1])
+
+
+def _as_map(features: jax.Array) -> jax.Array:
+  """Features as a map (B, H, W, C): a pooled embedding becomes a 1x1 map."""
+  return features.reshape(_map_shape(features.shape))
+
+
+def _reviewkd(distill_config, shapes, compute_dtype, seed, steps_per_epoch) -> FeatureMethod:
+  """ReviewKD: the student's stages fused deep to shallow, HCL against the teacher's stages."""
+  student_names, teacher_names = _reviewkd_pairs(*shapes)
+  student_shapes, teacher_shapes = (
+      [_map_shape(side[name].shape) for name in names]
+      for side, names in zip(shapes, (student_names, teacher_names))
+  )
+  fusion, variables = split_model(
+      "reviewkd_fusion",
+      connectors.ReviewFusion(student_shapes, teacher_shapes, rngs=nnx.Rngs(seed)),
+      compute_dtype,
+  )
+
+  def objective(
+      student_logits_BxC, student_features, teacher_features, labels_B, fusion_vars, step
+  ):
+    ce = losses.cross_entropy(student_logits_BxC, labels_B)
+    fused, batch_stats = fusion.apply(
+        fusion_vars, [_as_map(student_features[name]) for name in student_names], train=True
+    )
+    hcl = losses.hierarchical_context_loss(
+        fused, [_as_map(teacher_features[name]) for name in teacher_names]
+    )
+    warmup = warmup_factor(step, steps_per_epoch, distill_config.reviewkd_warmup_epochs)
+    loss = ce + distill_config.reviewkd_weight * warmup * hcl
+    return loss, batch_stats, {"ce": ce, "hcl": hcl}
 
   return FeatureMethod(variables, objective)

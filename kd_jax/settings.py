@@ -143,6 +143,8 @@ RULES: dict[str, Rule] = {
     "distill.dkd_warmup_epochs": _POSITIVE,
     "distill.at_weight": _NON_NEGATIVE,
     "distill.fitnet_weight": _NON_NEGATIVE,
+    "distill.reviewkd_weight": _NON_NEGATIVE,
+    "distill.reviewkd_warmup_epochs": _POSITIVE,
     "baseline.enabled": _FLAG,
     "checkpoint.every_steps": _whole(">= 0 (0: only at epoch ends)", lambda v: v >= 0),
     "checkpoint.keep": _whole(">= 1", lambda v: v >= 1),
@@ -298,7 +300,8 @@ def check_feature_method(config: ml_collections.ConfigDict, *, num_classes: int,
           "(docs/own_models.md) or use distill.method=kd"
       )
     networks.append(split_model(stage_config.model, model))
-  methods.make_feature_method(config.distill, *networks, image_shape, seed=0)
+  # The step count only times warm-ups, which this check never runs.
+  methods.make_feature_method(config.distill, *networks, image_shape, seed=0, steps_per_epoch=1)
 
 
 def check_against_data(config: ml_collections.ConfigDict, num_train: int) -> None:

@@ -158,7 +158,7 @@ def _feature_loss_fn(network, objective, state, x, teacher_features, labels_B):
         Variables(params, state.variables.batch_stats), x, train=True
     )
     loss, connector_stats, parts = objective(
-        logits_BxC, features, teacher_features, labels_B, connectors
+        logits_BxC, features, teacher_features, labels_B, connectors, state.step
     )
     if connectors is not None:
       batch_stats = (batch_stats, connector_stats)
@@ -356,6 +356,7 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
         (stage.teacher.network, stage.teacher.variables),
         data.image_shape,
         stage.seed,
+        steps,
     )
   elif stage.teacher is not None:
     objective = methods.make_objective(config.distill, steps, epochs)

@@ -79,6 +79,8 @@ BAD_VALUES = {
     "distill.dkd_warmup_epochs": [0, -20],
     "distill.at_weight": [-1.0, "1000"],
     "distill.fitnet_weight": [-100.0, None],
+    "distill.reviewkd_weight": [-1.0, "1"],
+    "distill.reviewkd_warmup_epochs": [0, -20],
     "baseline.enabled": ["true", 1],
     "checkpoint.every_steps": [-1, 2.5],
     "checkpoint.keep": [0, -3, "3"],
