@@ -109,25 +109,26 @@ class AttentionFusion(nnx.Module):
     self.out_size = tuple(out_size)
 
   def __call__(
-      self, x_BxHxWxC: jax.Array, deeper_mix: jax.Array | None = None
+      self, x_BxHxWxC: jax.Array, deeper_mix_BxhxwxM: jax.Array | None = None
   ) -> tuple[jax.Array, jax.Array]:
     """(this stage's output, its mix for the next shallower fusion), both of `out_size`."""
-    mix = self.reduce_bn(self.reduce(x_BxHxWxC))
+    mix_BxHxWxM = self.reduce_bn(self.reduce(x_BxHxWxC))
     if self.attention is not None:
-      deeper_mix = _resize_nearest(deeper_mix, *mix.shape[1:3])
-      weights_BxHxWx2 = nnx.sigmoid(self.attention(jnp.concatenate([mix, deeper_mix], axis=-1)))
-      mix = mix * weights_BxHxWx2[..., :1] + deeper_mix * weights_BxHxWx2[..., 1:]
-    mix = _resize_nearest(mix, *self.out_size)
-    return self.expand_bn(self.expand(mix)), mix
+      deeper_BxHxWxM = _resize_nearest(deeper_mix_BxhxwxM, *mix_BxHxWxM.shape[1:3])
+      joint_BxHxWx2M = jnp.concatenate([mix_BxHxWxM, deeper_BxHxWxM], axis=-1)
+      own_BxHxWx1, deeper_BxHxWx1 = jnp.split(nnx.sigmoid(self.attention(joint_BxHxWx2M)), 2, -1)
+      mix_BxHxWxM = mix_BxHxWxM * own_BxHxWx1 + deeper_BxHxWxM * deeper_BxHxWx1
+    mix_BxTxUxM = _resize_nearest(mix_BxHxWxM, *self.out_size)
+    return self.expand_bn(self.expand(mix_BxTxUxM)), mix_BxTxUxM
 
 
 class ReviewFusion(nnx.Module):
   """ReviewKD's student side: one AttentionFusion per stage, run from the deepest up.
 
   Chen et al., "Distilling Knowledge via Knowledge Review" (CVPR 2021). Each output has the
-  shape of its teacher's stage, so that a shallow stage's output reviews what the deeper
-  stages learnt. The mixes are min(512, the deepest stage's channels) wide, as in
-  ReviewKD's code.
+  shape of its teacher stage; through the mixes, a shallow stage's output draws on the
+  deeper stages too (the paper's knowledge review). The mixes are min(512, the deepest
+  stage's channels) wide, as in ReviewKD's code.
   """
 
   def __init__(
