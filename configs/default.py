@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.distill = ml_collections.ConfigDict(
       dict(
-          method="kd",  # kd | dkd | at | fitnet | crd (at, fitnet and crd: online only)
+          method="kd",  # kd | dkd | at | fitnet | crd | reviewkd (the last four: online only)
           mode="online",  # online: teacher inside the step | offline: its stored logits
           cache_dtype="float16",  # offline: how the teacher's logits are stored
           cache="plain",  # offline: plain (unaugmented images) | consistent (the student's views)
@@ -117,6 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
           crd_weight=0.8,  # crd: weight of the contrastive (NCE) loss (CE weighs 1)
           crd_negatives=16384,  # crd: negatives per example, drawn from the memory each step
           crd_with_kd=False,  # crd: kd's objective (alpha, temperature, ...) in place of CE
+          reviewkd_weight=1.0,  # reviewkd: weight of the hierarchical context loss (CE weighs 1)
+          reviewkd_warmup_epochs=20,  # reviewkd: its weight rises linearly over these
       )
   )
 

@@ -10,6 +10,9 @@
   crd     contrastive representation distillation (Tian et al., 2020): CE (or, with
           crd_with_kd, kd's objective) + crd_weight NCE between embeddings of the
           pooled features and a memory of every training example
+  reviewkd  ReviewKD (Chen et al., 2021): CE + reviewkd_weight w(e) HCL(fused student
+          stages, teacher stages), w(e) rising linearly to 1 over the first
+          reviewkd_warmup_epochs epochs
 
 kd and dkd can standardise the logits inside the distillation term (Sun et al.,
 2024), and `loss_scale` multiplies their whole objective (logit
@@ -17,9 +20,10 @@ standardisation's recipe is CE 1 + KD 9: alpha 0.9 with loss_scale 10).
 Every weight that changes over the run is computed from the step number, so
 the jitted step never recompiles.
 
-at, fitnet and crd are feature methods: they compare the models' named features
-(kd_jax.models), so their teacher runs inside the step, and fitnet and crd train
-connectors (kd_jax.connectors) with the student. Their weights are RepDistiller's.
+at, fitnet, crd and reviewkd are feature methods: they compare the models' named
+features (kd_jax.models), so their teacher runs inside the step, and fitnet, crd
+and reviewkd train connectors (kd_jax.connectors) with the student. The weights
+of at, fitnet and crd are RepDistiller's, reviewkd's its own code's.
 """
 
 import dataclasses
@@ -35,7 +39,7 @@ from kd_jax.errors import UserInputError
 from kd_jax.models import Features
 from kd_jax.network import Network, Variables, split_model
 
-FEATURE_METHODS = ("at", "fitnet", "crd")
+FEATURE_METHODS = ("at", "fitnet", "crd", "reviewkd")
 METHODS = ("kd", "dkd", *FEATURE_METHODS)
 # FitNets' hint and guided layers, RepDistiller's hint_layer=2 (its features: stem, 3 stages).
 FITNET_HINT = "stage2"
@@ -58,6 +62,12 @@ def check(distill_config) -> None:
         f"a teacher run inside the step gives: set distill.mode=online, not "
         f"{distill_config.mode!r}"
     )
+
+
+def warmup_factor(step: jax.Array, steps_per_epoch: int, warmup_epochs) -> jax.Array:
+  """min(epoch / warmup_epochs, 1), epoch the 1-based epoch of `step` (DKD's, ReviewKD's code)."""
+  epoch = step // steps_per_epoch + 1
+  return jnp.minimum(epoch / warmup_epochs, 1.0)
 
 
 def make_objective(distill_config, steps_per_epoch: int, epochs: int) -> Objective:
@@ -84,8 +94,7 @@ def make_objective(distill_config, steps_per_epoch: int, epochs: int) -> Objecti
 
   def dkd(student_logits_BxC, teacher_logits_BxC, labels_B, step):
     temperature = temperature_fn(step)
-    epoch = step // steps_per_epoch + 1  # 1-based, as in the paper's code
-    warmup = jnp.minimum(epoch / distill_config.dkd_warmup_epochs, 1.0)
+    warmup = warmup_factor(step, steps_per_epoch, distill_config.dkd_warmup_epochs)
     ce = losses.cross_entropy(student_logits_BxC, labels_B)
     decoupled = losses.dkd_loss(
         student_logits_BxC,
@@ -168,12 +177,16 @@ def make_feature_method(
   """
   check(distill_config)
   student_shapes, teacher_shapes = (feature_shapes(*n, image_shape) for n in (student, teacher))
+  compute_dtype = student[0].compute_dtype
   if distill_config.method == "at":
     return _attention_transfer(distill_config, student_shapes, teacher_shapes)
   if distill_config.method == "crd":
     kd = make_objective(distill_config, steps_per_epoch, epochs)
     return _crd(distill_config, student_shapes, teacher_shapes, num_train, seed, kd)
-  return _fitnet(distill_config, student_shapes, teacher_shapes, student[0].compute_dtype, seed)
+  if distill_config.method == "reviewkd":
+    shapes = (student_shapes, teacher_shapes)
+    return _reviewkd(distill_config, shapes, compute_dtype, seed, steps_per_epoch)
+  return _fitnet(distill_config, student_shapes, teacher_shapes, compute_dtype, seed)
 
 
 def _attention_transfer(distill_config, student_shapes, teacher_shapes) -> FeatureMethod:
@@ -275,3 +288,80 @@ def crd_negatives(seed: int, step: jax.Array, shape: tuple[int, int], num_train:
   """
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), 1)
   return jax.random.randint(key, shape, 0, num_train, dtype=jnp.int32)
+def _reviewkd_pairs(student_shapes: Features, teacher_shapes: Features):
+  """(student names, teacher names) that ReviewKD pairs: stages from the deepest, then "pooled".
+
+  As ReviewKD's code: the student's stage outputs against the teacher's before their last ReLU.
+
+  Raises:
+    UserInputError: for a missing feature, or maps whose sizes the fusion cannot pair.
+  """
+  student_stages, teacher_stages = _stage_outputs(student_shapes), _stage_outputs(teacher_shapes)
+  pairs = min(len(student_stages), len(teacher_stages))
+  student_names = [*student_stages[len(student_stages) - pairs :], "pooled"]
+  teacher_names = [f"{name}_preact" for name in teacher_stages[len(teacher_stages) - pairs :]]
+  teacher_names.append("pooled")
+  for side, names, shapes in (
+      ("student", student_names, student_shapes),
+      ("teacher", teacher_names, teacher_shapes),
+  ):
+    if not pairs or any(name not in shapes for name in names):
+      raise UserInputError(
+          f"distill.method=reviewkd needs the {side}'s features stage<k>, stage<k>_preact and "
+          f"pooled; it gives {', '.join(sorted(shapes)) or 'none'} (docs/own_models.md)"
+      )
+  for student_name, teacher_name in zip(student_names, teacher_names):
+    (s_h, s_w), (t_h, t_w) = (
+        _map_shape(shapes[name].shape)[1:3]
+        for shapes, name in ((student_shapes, student_name), (teacher_shapes, teacher_name))
+    )
+    if t_h % s_h or t_w % s_w:
+      raise UserInputError(
+          f"distill.method=reviewkd: the student's {student_name} is {s_h}x{s_w} and the "
+          f"teacher's {teacher_name} {t_h}x{t_w}; ReviewKD pairs maps of equal size or a "
+          "student map whose sides divide the teacher's (upsampled to it): pick a teacher "
+          "and student whose stage sizes fit"
+      )
+  return student_names, teacher_names
+
+
+def _map_shape(shape) -> tuple[int, ...]:
+  """A pooled embedding's (B, C) as a 1x1 map's (B, 1, 1, C); a map's (B, H, W, C) as it is."""
+  return tuple(shape) if len(shape) == 4 else (shape[0], 1, 1, shape[-1])
+
+
+def _as_map(features: jax.Array) -> jax.Array:
+  """Features as a map (B, H, W, C): a pooled embedding becomes a 1x1 map."""
+  return features.reshape(_map_shape(features.shape))
+
+
+def _reviewkd(distill_config, shapes, compute_dtype, seed, steps_per_epoch) -> FeatureMethod:
+  """ReviewKD: the student's stages fused deep to shallow, HCL against the teacher's stages."""
+  student_names, teacher_names = _reviewkd_pairs(*shapes)
+  student_shapes, teacher_shapes = (
+      [_map_shape(side[name].shape) for name in names]
+      for side, names in zip(shapes, (student_names, teacher_names))
+  )
+  fusion, variables = split_model(
+      "reviewkd_fusion",
+      connectors.ReviewFusion(student_shapes, teacher_shapes, rngs=nnx.Rngs(seed)),
+      compute_dtype,
+  )
+
+  def objective(
+      student_logits_BxC, student_features, teacher_features, labels_B, fusion_vars, step_data
+  ):
+    ce = losses.cross_entropy(student_logits_BxC, labels_B)
+    fused, batch_stats = fusion.apply(
+        fusion_vars, [_as_map(student_features[name]) for name in student_names], train=True
+    )
+    hcl = losses.hierarchical_context_loss(
+        fused, [_as_map(teacher_features[name]) for name in teacher_names]
+    )
+    warmup = warmup_factor(
+        step_data.step, steps_per_epoch, distill_config.reviewkd_warmup_epochs
+    )
+    loss = ce + distill_config.reviewkd_weight * warmup * hcl
+    return loss, batch_stats, {"ce": ce, "hcl": hcl}
+
+  return FeatureMethod(variables, objective)

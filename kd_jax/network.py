@@ -73,11 +73,16 @@ class Network:
   compute_dtype: str = "float32"
   convolutions: str = "xla"
 
-  def apply(self, variables: Variables, images_BxHxWxC: jax.Array, *, train: bool):
-    """Runs the model; returns (float32 logits, batch statistics after the pass)."""
+  def apply(self, variables: Variables, inputs, *, train: bool):
+    """Runs the model on images, or a connector (kd_jax.connectors) on the arrays it takes.
+
+    Returns:
+      (the outputs in float32: a model's logits, a connector's arrays; batch statistics
+      after the pass).
+    """
     model = self._merge(variables, train)
-    logits = model(images_BxHxWxC.astype(self.compute_dtype))
-    return logits.astype(jnp.float32), nnx.state(model, nnx.BatchStat)
+    outputs = model(jax.tree.map(lambda x: x.astype(self.compute_dtype), inputs))
+    return jax.tree.map(lambda y: y.astype(jnp.float32), outputs), nnx.state(model, nnx.BatchStat)
 
   def apply_with_features(self, variables: Variables, images_BxHxWxC: jax.Array, *, train: bool):
     """Runs the model's `with_features` (kd_jax.models), for feature-based distillation.

@@ -146,6 +146,8 @@ RULES: dict[str, Rule] = {
     "distill.crd_weight": _NON_NEGATIVE,
     "distill.crd_negatives": _whole(">= 1", lambda v: v >= 1),
     "distill.crd_with_kd": _FLAG,
+    "distill.reviewkd_weight": _NON_NEGATIVE,
+    "distill.reviewkd_warmup_epochs": _POSITIVE,
     "baseline.enabled": _FLAG,
     "checkpoint.every_steps": _whole(">= 0 (0: only at epoch ends)", lambda v: v >= 0),
     "checkpoint.keep": _whole(">= 1", lambda v: v >= 1),

@@ -6,6 +6,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -343,3 +344,138 @@ def test_crd_refuses_a_model_without_pooled_features():
   student, teacher = _abstract_network("resnet8"), split_model("mine", _NoPooledFeatures())
   with pytest.raises(UserInputError, match="'pooled' feature, which the teacher gives none of"):
     _feature_method("crd", student, teacher, (8, 8, 3))
+def _train_batch_norm(y, bn):
+  """Batch norm in training mode: the batch's statistics, PyTorch's epsilon, `bn`'s scale, bias."""
+  normalized = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-5)
+  return normalized * np.asarray(bn.scale[...]) + np.asarray(bn.bias[...])
+
+
+def _conv3x3(x, kernel):
+  """A 3x3 convolution, padding 1: (B, H, W, C) with (3, 3, C, D) -> (B, H, W, D)."""
+  padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  height, width = x.shape[1:3]
+  return sum(
+      padded[:, i : i + height, j : j + width] @ kernel[i, j] for i in range(3) for j in range(3)
+  )
+
+
+def test_attention_fusion_weighs_its_stage_and_the_deeper_one_as_reviewkd():
+  # A 2x2 student stage, a deeper 1x1 mix, a 4x4 teacher stage: both resizes happen.
+  fusion = nnx.eval_shape(
+      lambda: connectors.AttentionFusion(3, 4, 5, (4, 4), fuse=True, rngs=nnx.Rngs(0))
+  )
+  # Random parameters (batch norms' scales and biases too), so that each one counts.
+  random = lambda x: RNG.normal(size=x.shape).astype(np.float32)
+  nnx.update(fusion, jax.tree.map(random, nnx.state(fusion, nnx.Param)))
+  nnx.update(fusion, jax.tree.map(lambda x: np.zeros(x.shape), nnx.state(fusion, nnx.BatchStat)))
+  x = RNG.normal(size=(2, 2, 2, 3)).astype(np.float32)
+  deeper = RNG.normal(size=(2, 1, 1, 4)).astype(np.float32)
+  output, mix = nnx.jit(lambda f, x, deeper: f(x, deeper))(fusion, x, deeper)
+  reduced = _train_batch_norm(x @ np.asarray(fusion.reduce.kernel[0, 0]), fusion.reduce_bn)
+  deeper_2x2 = np.broadcast_to(deeper, (2, 2, 2, 4))
+  joint = np.concatenate([reduced, deeper_2x2], axis=-1)
+  attention = fusion.attention
+  weights = 1 / (1 + np.exp(-(joint @ np.asarray(attention.kernel) + np.asarray(attention.bias))))
+  want_mix = reduced * weights[..., :1] + deeper_2x2 * weights[..., 1:]
+  want_mix = want_mix.repeat(2, axis=1).repeat(2, axis=2)  # nearest, to the teacher's 4x4
+  want = _train_batch_norm(_conv3x3(want_mix, np.asarray(fusion.expand.kernel)), fusion.expand_bn)
+  np.testing.assert_allclose(np.asarray(mix), want_mix, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(output), want, rtol=1e-4, atol=1e-4)
+
+
+def test_reviewkd_objective_is_ce_plus_the_warmed_up_hcl_of_the_fused_stages():
+  student, teacher = _abstract_network("resnet8"), _abstract_network("wrn_16_2")
+  config = _distill(method="reviewkd", reviewkd_weight=2.0)
+  method = methods.make_feature_method(
+      config, student, teacher, (8, 8, 3), 0, num_train=1, steps_per_epoch=10, epochs=1
+  )
+  student_features = _random_features(student, (8, 8, 3), 5)
+  teacher_features = _random_features(teacher, (8, 8, 3), 6)
+  logits, labels = STUDENT[:2], LABELS[:2]
+  # ReviewKD's pairs: the student's stage outputs and pooled embedding (a 1x1 map), fused,
+  # against the teacher's stages before their last ReLU and its pooled embedding.
+  as_map = lambda f: f.reshape(2, 1, 1, -1) if f.ndim == 2 else f
+  stages = [as_map(student_features[k]) for k in ("stage1", "stage2", "stage3", "pooled")]
+  targets = [as_map(teacher_features[k]) for k in ("stage1_preact", "stage2_preact")]
+  targets += [as_map(teacher_features[k]) for k in ("stage3_preact", "pooled")]
+  fusion = nnx.eval_shape(
+      lambda: connectors.ReviewFusion(
+          [s.shape for s in stages], [t.shape for t in targets], rngs=nnx.Rngs(0)
+      )
+  )
+  nnx.update(fusion, method.connector_variables.params, method.connector_variables.batch_stats)
+  assert fusion.fusions[0].reduce.kernel.shape == (1, 1, 16, 64)  # as wide as the deepest
+  fuse = nnx.jit(lambda fusion, stages: fusion(stages))
+  fused = fuse(fusion, stages)
+  assert [f.shape for f in fused] == [t.shape for t in targets]
+  want_hcl = float(losses.hierarchical_context_loss(fused, targets))
+  ce = float(losses.cross_entropy(logits, labels))
+  objective = jax.jit(method.objective)
+  # Epochs 1-based, 10 steps each: 1/20 of the weight in epoch 1, all of it from epoch 20.
+  for step, warmup in [(0, 1 / 20), (9, 1 / 20), (10, 2 / 20), (195, 1.0), (500, 1.0)]:
+    loss, stats, parts = objective(
+        logits,
+        student_features,
+        teacher_features,
+        labels,
+        method.connector_variables,
+        _step_data(labels, step),
+    )
+    np.testing.assert_allclose(float(parts["hcl"]), want_hcl, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), ce + 2.0 * warmup * want_hcl, rtol=1e-5)
+  # The fusions' batch norms train: their running statistics are the step's result.
+  assert jax.tree.structure(stats) == jax.tree.structure(method.connector_variables.batch_stats)
+  # The shallowest output reviews the deepest stage; the deepest never sees shallower ones.
+  assert not np.allclose(fuse(fusion, [*stages[:3], stages[3] + 1.0])[0], fused[0])
+  np.testing.assert_array_equal(fuse(fusion, [stages[0] + 1.0, *stages[1:]])[3], fused[3])
+
+
+def test_reviewkd_with_stages_it_cannot_pair_is_one_line_up_front(tmp_path):
+  # The quickstart's student halves the digits at once (4x4 to the last stage), where its
+  # teacher's last stage is 2x2.
+  workdir = tmp_path / "run"
+  with pytest.raises(UserInputError) as refused:
+    pipeline.train_and_evaluate(small_config(**{"distill.method": "reviewkd"}), str(workdir))
+  message = str(refused.value)
+  assert "the student's stage3 is 4x4 and the teacher's stage3_preact 2x2" in message
+  assert "\n" not in message
+  assert not (workdir / "teacher").exists()
+
+
+@pytest.mark.slow
+def test_reviewkd_distils_the_quickstart(quickstart_run, tmp_path):
+  config = small_config(
+      **{
+          "distill.method": "reviewkd",
+          "teacher.checkpoint": os.path.join(quickstart_run[0], "teacher"),  # trained already
+          # resnet8's stages have the sizes of its teacher's (resnet8 too)
+          "student.model": "resnet8",
+          "student.width_multiplier": 1.0,
+          "student.epochs": 3,
+          "baseline.enabled": False,
+          "checkpoint.every_steps": 0,
+          "export.enabled": True,
+      }
+  )
+  report = pipeline.train_and_evaluate(config, str(tmp_path))
+  with open(tmp_path / "student" / "metrics.jsonl") as f:
+    epochs = [json.loads(line) for line in f]
+  assert len(epochs) == 3 and epochs[-1]["hcl"] < epochs[0]["hcl"]
+  assert report["student"]["top1"] > 0.3  # ten classes: chance is 0.1
+  # The fusions are in the student's checkpoint, whole...
+  network = _abstract_network("resnet8")
+  method = methods.make_feature_method(
+      config.distill, network, network, (8, 8, 1), 0, num_train=1, steps_per_epoch=1, epochs=1
+  )
+  checkpoints = tmp_path / "student" / "checkpoints"
+  last = max(int(step.name) for step in checkpoints.iterdir() if step.name.isdigit())
+  train = ocp.StandardCheckpointer().restore(checkpoints / str(last) / "train")
+  saved, built = (jax.tree.leaves(v) for v in (train["connectors"], method.connector_variables))
+  assert sorted(x.shape for x in saved) == sorted(x.shape for x in built)
+  # ...but neither in the exported student (its attention's 128x2 kernel) nor in its count.
+  with open(tmp_path / "export" / "student" / "model.jax", "rb") as f:
+    module = jax.export.deserialize(bytearray(f.read())).mlir_module()
+  assert "tensor<64x10xf32>" in module and "tensor<128x2xf32>" not in module
+  assert report["student"]["params"] == models.count_params(
+      models.create_model("resnet8", num_classes=10, in_channels=1, rngs=nnx.Rngs(0))
+  )

@@ -82,6 +82,8 @@ BAD_VALUES = {
     "distill.crd_weight": [-0.8, "0.8"],
     "distill.crd_negatives": [0, 16.5, "16384"],
     "distill.crd_with_kd": ["true", 1, None],
+    "distill.reviewkd_weight": [-1.0, "1"],
+    "distill.reviewkd_warmup_epochs": [0, -20],
     "baseline.enabled": ["true", 1],
     "checkpoint.every_steps": [-1, 2.5],
     "checkpoint.keep": [0, -3, "3"],
