@@ -6,7 +6,9 @@
 
 The argument is "TEACHER-STUDENT,METHOD" with the pairs below and METHOD one of
 kd (T 4, CE 0.1 + KD 0.9), dkd (T 4, CE 1, alpha 1, beta per pair, 20 warm-up
-epochs) or kd_ls (logit standardisation: T 2, CE 1 + KD 9). All train 240
+epochs), kd_ls (logit standardisation: T 2, CE 1 + KD 9), or the feature methods
+fitnet (CE + 100 hint MSE), at (CE + 1000 AT), crd (CE + 0.8 NCE) and reviewkd
+(CE + HCL, weight per pair, 20 warm-up epochs). All train 240
 epochs with SGD momentum 0.9, lr 0.05 x0.1 at epochs 150/180/210, batch 64,
 weight decay 5e-4; the teacher is trained by kd_jax first, as pre-trained
 weights cannot be downloaded here.
@@ -14,13 +16,16 @@ weights cannot be downloaded here.
 
 from configs import default
 
-# DKD's beta per pair (mdistiller's configs/cifar100/dkd/*.yaml).
+# Per pair: DKD's beta (mdistiller's configs/cifar100/dkd/*.yaml) and ReviewKD's weight
+# (ReviewKD's CIFAR-100 scripts).
 PAIRS = {
-    "resnet32x4-resnet8x4": 8.0,
-    "resnet56-resnet20": 2.0,
-    "wrn_40_2-wrn_16_2": 6.0,
+    "resnet32x4-resnet8x4": dict(dkd_beta=8.0, reviewkd_weight=5.0),
+    "resnet56-resnet20": dict(dkd_beta=2.0, reviewkd_weight=0.6),
+    "wrn_40_2-wrn_16_2": dict(dkd_beta=6.0, reviewkd_weight=5.0),
 }
-METHODS = ("kd", "dkd", "kd_ls")
+# The feature methods' other weights are configs/default.py's, RepDistiller's.
+FEATURE_METHODS = ("fitnet", "at", "crd", "reviewkd")
+METHODS = ("kd", "dkd", "kd_ls", *FEATURE_METHODS)
 
 
 def get_config(spec: str = "resnet32x4-resnet8x4,kd"):
@@ -57,13 +62,17 @@ def get_config(spec: str = "resnet32x4-resnet8x4,kd"):
         method="dkd",
         temperature=4.0,
         dkd_alpha=1.0,
-        dkd_beta=PAIRS[pair],
+        dkd_beta=PAIRS[pair]["dkd_beta"],
         dkd_ce_weight=1.0,
         dkd_warmup_epochs=20,
     )
-  else:
+  elif method == "kd_ls":
     # CE 1 + KD 9 on standardised logits: alpha 0.9, the whole loss x10.
     distill.update(
         method="kd", temperature=2.0, alpha=0.9, loss_scale=10.0, logit_standardization=True
     )
+  else:  # a feature method
+    distill.method = method
+    if method == "reviewkd":
+      distill.reviewkd_weight = PAIRS[pair]["reviewkd_weight"]
   return config

@@ -70,11 +70,16 @@ def test_cifar100_recipes(pair, method):
   assert tuple(config.student.optimizer.decay_epochs) == (150, 180, 210)
   distill = config.distill
   if method == "dkd":
-    assert distill.method == "dkd" and distill.dkd_beta == cifar100.PAIRS[pair]
+    assert distill.method == "dkd" and distill.dkd_beta == cifar100.PAIRS[pair]["dkd_beta"]
   elif method == "kd_ls":
     assert distill.logit_standardization and distill.temperature == 2.0
     assert distill.loss_scale * (1 - distill.alpha) == pytest.approx(1.0)
     assert distill.loss_scale * distill.alpha == pytest.approx(9.0)
+  elif method in cifar100.FEATURE_METHODS:
+    weight = {"fitnet": 100.0, "at": 1000.0, "crd": 0.8}.get(method)
+    assert distill.method == method and distill.get(f"{method}_weight") == (
+        weight or cifar100.PAIRS[pair]["reviewkd_weight"]
+    )
   else:
     assert (distill.method, distill.temperature, distill.alpha) == ("kd", 4.0, 0.9)
   methods.check(distill)
