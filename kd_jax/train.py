@@ -69,7 +69,7 @@ def make_train_step(
     seed: int,
     mesh,
     teacher: Teacher | None = None,
-    objective: methods.Objective = methods.cross_entropy_objective,
+    objective: methods.Objective = methods.labels_objective(),
     feature_method: methods.FeatureMethod | None = None,
 ) -> Callable:
   """The jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
@@ -347,8 +347,9 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
   parallel.check_batch_size(batch_size, f"{stage.name}.batch_size", mesh)
   check_batch_fits(f"{stage.name}.batch_size", batch_size, data.num_train)
   steps = data.steps_per_epoch(batch_size)
-  optimizer = optim.make_optimizer(stage.settings.optimizer, steps, epochs, batch_size)
-  objective, feature_method = methods.cross_entropy_objective, None
+  # Only the teacher's settings have label_smoothing: a student's labels term stays plain.
+  objective = methods.labels_objective(stage.settings.get("label_smoothing", 0.0))
+  feature_method = None
   if stage.teacher is not None and config.distill.method in methods.FEATURE_METHODS:
     feature_method = methods.make_feature_method(
         config.distill,
@@ -359,6 +360,8 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
     )
   elif stage.teacher is not None:
     objective = methods.make_objective(config.distill, steps, epochs)
+  connectors = None if feature_method is None else feature_method.connector_variables
+  optimizer = _optimizer(stage, steps, connectors)
   train_step = make_train_step(
       stage.network,
       optimizer,
@@ -385,7 +388,9 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
       steps=steps,
       epochs=epochs,
       train_step=train_step,
-      forward=evaluate.jit_forward(stage.network, data.mean_C, data.std_C, mesh),
+      forward=evaluate.jit_forward(
+          stage.network, data.mean_C, data.std_C, mesh, tta=config.eval.tta
+      ),
       eval_batch_size=config.eval.batch_size,
       every_steps=config.checkpoint.every_steps,
       meta={
@@ -395,10 +400,22 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
           "settings": settings,
       },
   )
-  connectors = None if feature_method is None else feature_method.connector_variables
   state = TrainState(jnp.zeros((), jnp.int32), stage.variables, None, connectors)
   state = state.replace(opt_state=optimizer.init(state.trainable()))
   return loop, jax.device_put(state, parallel.replicated(mesh))
+
+
+def _optimizer(
+    stage: Stage, steps: int, connectors: Variables | None
+) -> optax.GradientTransformation:
+  """The stage's optimiser, for its parameters and, where there are some, its connectors'."""
+  norm_biases = stage.network.norm_biases(stage.variables)
+  if connectors is not None:  # shaped as TrainState.trainable(): no connector is a norm bias
+    norm_biases = (norm_biases, jax.tree.map(lambda _: False, connectors.params))
+  settings = stage.settings
+  return optim.make_optimizer(
+      settings.optimizer, steps, settings.epochs, settings.batch_size, norm_biases
+  )
 
 
 def _resume(name: str, state: TrainState, checkpoints: StageCheckpoints) -> Progress:

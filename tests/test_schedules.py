@@ -3,10 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default
-from kd_jax import optim, schedules
+from kd_jax import optim, parallel, schedules, settings
 from kd_jax.errors import UserInputError
 
 
@@ -106,3 +107,96 @@ def test_reference_batch_size_scales_the_peak_linearly():
   assert float(schedule(0)) == pytest.approx(0.4)
   config.reference_batch_size = 0
   assert schedules.peak_learning_rate(config, 256) == 0.2
+
+
+def test_linear_schedule_is_airbenchs_triangle():
+  config = default.optimizer_config(
+      learning_rate=2.0,
+      schedule="linear",
+      warmup_epochs=2,
+      start_lr_fraction=0.2,
+      end_lr_fraction=0.07,
+  )
+  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=5, epochs=10, batch_size=64)
+  total, warmup = 50, 10
+
+  def expected(step):  # airbench94's get_lr, times the peak
+    if step < warmup:
+      return 2.0 * (0.2 + 0.8 * step / warmup)
+    return 2.0 * (1.0 - 0.93 * (step - warmup) / (total - warmup))
+
+  steps = [0, 3, 9, 10, 11, 30, 49, 50]
+  np.testing.assert_allclose(
+      [float(schedule(s)) for s in steps], [expected(s) for s in steps], rtol=1e-6
+  )
+
+
+def _nesterov_reference(grads_list, params, lr, momentum, decay, multiplier_of):
+  """PyTorch's Nesterov SGD in NumPy: g = m_p * grad + decay * p; b = momentum b + g; p -= lr (g + momentum b)."""
+  params = {k: np.array(v, np.float64) for k, v in params.items()}
+  buffers = {k: np.zeros_like(v) for k, v in params.items()}
+  for grads in grads_list:
+    for k in params:
+      g = multiplier_of[k] * np.asarray(grads[k], np.float64) + decay * params[k]
+      buffers[k] = momentum * buffers[k] + g
+      params[k] = params[k] - lr * (g + momentum * buffers[k])
+  return params
+
+
+def _run(optimizer, params, grads_list):
+  state = optimizer.init(params)
+  for grads in grads_list:
+    updates, state = optimizer.update(grads, state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+  return params
+
+
+def test_nesterov_sgd_with_faster_norm_biases_matches_an_independent_update():
+  config = default.optimizer_config(
+      name="sgd",
+      learning_rate=0.1,
+      momentum=0.85,
+      nesterov=True,
+      weight_decay=0.01,
+      grad_clip_norm=0.0,
+      schedule="constant",
+      norm_bias_lr_multiplier=64.0,
+  )
+  params = {"kernel": jnp.array([1.0, -2.0, 0.5]), "bias": jnp.array([0.3, -0.1])}
+  norm_biases = {"kernel": False, "bias": True}
+  rng = np.random.default_rng(0)
+  grads_list = [
+      {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
+      for _ in range(4)
+  ]
+  optimizer = optim.make_optimizer(config, 1, 4, 64, norm_biases)
+  result = _run(optimizer, params, grads_list)
+  expected = _nesterov_reference(grads_list, params, 0.1, 0.85, 0.01, {"kernel": 1, "bias": 64})
+  for k in params:
+    np.testing.assert_allclose(np.asarray(result[k]), expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lookahead_averages_every_k_steps_and_ends_on_the_average():
+  inner = optax.sgd(0.1)
+  every, decay, total = 2, 0.9, 5
+  optimizer = optim.lookahead(inner, every, decay, total)
+  params = {"w": jnp.array([1.0, -1.0])}
+  rng = np.random.default_rng(1)
+  grads_list = [{"w": jnp.asarray(rng.standard_normal(2), jnp.float32)} for _ in range(total)]
+  result = _run(optimizer, params, grads_list)
+
+  fast = slow = np.array([1.0, -1.0])
+  for step, grads in enumerate(grads_list, start=1):
+    fast = fast - 0.1 * np.asarray(grads["w"])
+    if step % every == 0:
+      weight = decay**every * (step / total) ** 3
+      slow = weight * slow + (1 - weight) * fast
+      fast = slow
+  np.testing.assert_allclose(np.asarray(result["w"]), slow, rtol=1e-5)  # step 5: back to slow
+
+
+def test_norm_bias_multiplier_needs_sgd():
+  config = default.get_config()
+  config.teacher.optimizer.norm_bias_lr_multiplier = 64.0
+  with pytest.raises(UserInputError, match="norm_bias_lr_multiplier=64.0 works with sgd only"):
+    settings.check(config, parallel.make_mesh())
