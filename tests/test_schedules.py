@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import default
-from kd_jax import optim, parallel, schedules, settings
+from kd_jax import optim, schedules
 from kd_jax.errors import UserInputError
 
 
@@ -194,9 +194,3 @@ def test_lookahead_averages_every_k_steps_and_ends_on_the_average():
       fast = slow
   np.testing.assert_allclose(np.asarray(result["w"]), slow, rtol=1e-5)  # step 5: back to slow
 
-
-def test_norm_bias_multiplier_needs_sgd():
-  config = default.get_config()
-  config.teacher.optimizer.norm_bias_lr_multiplier = 64.0
-  with pytest.raises(UserInputError, match="norm_bias_lr_multiplier=64.0 works with sgd only"):
-    settings.check(config, parallel.make_mesh())
