@@ -97,7 +97,7 @@ def make_objective(distill_config, steps_per_epoch: int, epochs: int) -> Objecti
 
 
 def labels_objective(label_smoothing: float = 0.0) -> Objective:
-  """Labels only: what the teacher and the baseline minimise, cross-entropy with `label_smoothing`."""
+  """Labels only, what the teacher and the baseline minimise: cross-entropy, smoothed or not."""
 
   def objective(student_logits_BxC, teacher_logits_BxC, labels_B, step):
     del teacher_logits_BxC, step  # Unused: no teacher.

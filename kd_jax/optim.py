@@ -85,7 +85,8 @@ def lookahead(
 
   def init_fn(params):
     # A copy: the train step donates the parameters, which must not share buffers with it.
-    return LookaheadState(inner.init(params), jax.tree.map(jnp.copy, params), jnp.zeros((), jnp.int32))
+    slow = jax.tree.map(jnp.copy, params)
+    return LookaheadState(inner.init(params), slow, jnp.zeros((), jnp.int32))
 
   def update_fn(grads, state, params):
     updates, inner_state = inner.update(grads, state.inner, params)

@@ -386,6 +386,7 @@ def _summarise(
   summary = {
       "top1": evaluate.topk_accuracy(logits, labels, 1),
       "top5": evaluate.topk_accuracy(logits, labels, 5),
+      "tta": config.eval.tta,
   }
   summary.update(
       evaluate.measure_efficiency(

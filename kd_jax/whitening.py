@@ -17,7 +17,7 @@ from kd_jax.network import Network, Variables
 
 
 def patch_moment(data: TrainingData, patch: int, mesh, batch_size: int) -> np.ndarray:
-  """The uncentred second moment (D x D, D = patch^2 C) of every patch of the normalised training images.
+  """The uncentred second moment (D x D, D = patch^2 C) of the normalised training patches.
 
   Each image gives the mean of its windows' outer products (`layers.image_patches`),
   on the devices; they are averaged over the whole training split, which every image

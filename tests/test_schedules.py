@@ -132,7 +132,10 @@ def test_linear_schedule_is_airbenchs_triangle():
 
 
 def _nesterov_reference(grads_list, params, lr, momentum, decay, multiplier_of):
-  """PyTorch's Nesterov SGD in NumPy: g = m_p * grad + decay * p; b = momentum b + g; p -= lr (g + momentum b)."""
+  """PyTorch's Nesterov SGD in NumPy, each gradient first multiplied by `multiplier_of` its name.
+
+  g = multiplier * grad + decay * p; b = momentum * b + g; p -= lr * (g + momentum * b).
+  """
   params = {k: np.array(v, np.float64) for k, v in params.items()}
   buffers = {k: np.zeros_like(v) for k, v in params.items()}
   for grads in grads_list:
