@@ -40,6 +40,7 @@ def _airbench_sgd():
       norm_bias_lr_multiplier=64.0,
       lookahead_steps=5,
       lookahead_decay=0.95,
+      lookahead_start_epochs=3.0,
   )
 
 

@@ -29,9 +29,10 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
           norm_bias_lr_multiplier=1.0,
           # every this many steps the weights become a moving average of themselves
           # (airbench's lookahead, 5; the average's weight rises as decay^steps * progress^3)
-          # and the run ends on the average; 0: off
+          # and each epoch, the last included, ends on the average; 0: off
           lookahead_steps=0,
           lookahead_decay=0.95,
+          lookahead_start_epochs=0.0,  # the average starts after this many epochs (airbench: 3)
       )
   )
   config.update(overrides)

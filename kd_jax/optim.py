@@ -58,7 +58,9 @@ def make_optimizer(
         optimizer,
         optimizer_config.lookahead_steps,
         optimizer_config.lookahead_decay,
-        steps_per_epoch * epochs,
+        steps_per_epoch,
+        epochs,
+        int(optimizer_config.lookahead_start_epochs * steps_per_epoch),
     )
   return optimizer
 
@@ -72,16 +74,24 @@ class LookaheadState(NamedTuple):
 
 
 def lookahead(
-    inner: optax.GradientTransformation, every: int, decay: float, total_steps: int
+    inner: optax.GradientTransformation,
+    every: int,
+    decay: float,
+    steps_per_epoch: int,
+    epochs: int,
+    start_step: int = 0,
 ) -> optax.GradientTransformation:
   """airbench's lookahead: every `every` steps the weights jump to a moving average of themselves.
 
-  At each step k that `every` divides, slow = w slow + (1 - w) fast with
-  w = decay^every (k / total_steps)^3, and the parameters become slow: early
-  on the average forgets at once, late it holds several syncs. The last step
-  (k = total_steps) ends on the average, so the trained parameters are the
-  average. Works with any `inner`; the slow copy lives in the optimizer state.
+  It starts after `start_step`: the first step k that `every` divides after it
+  takes the weights as they are (slow = fast); at each such k after that,
+  slow = w slow + (1 - w) fast with w = decay^every (k / total steps)^3, and the
+  parameters become slow: early on the average forgets at once, late it holds
+  several syncs. Once started, every epoch also ends on the average as it is,
+  the last one included, so the trained parameters are the average. Works with
+  any `inner`; the slow copy lives in the optimizer state.
   """
+  total_steps = steps_per_epoch * epochs
 
   def init_fn(params):
     # A copy: the train step donates the parameters, which must not share buffers with it.
@@ -91,10 +101,12 @@ def lookahead(
   def update_fn(grads, state, params):
     updates, inner_state = inner.update(grads, state.inner, params)
     count = state.count + 1
-    at_sync = count % every == 0
-    # Weight 1 at a last step that is no sync: the parameters return to the average as it is.
-    weight = jnp.where(at_sync, decay**every * (count / total_steps) ** 3, 1.0)
-    sync = at_sync | (count >= total_steps)
+    started = count > start_step
+    at_sync = started & (count % every == 0)
+    # The first sync has no average to keep; a sync at an epoch's end alone keeps it whole.
+    weight = decay**every * (count / total_steps) ** 3 * (count - every > start_step)
+    weight = jnp.where(at_sync, weight, 1.0)
+    sync = at_sync | (started & (count % steps_per_epoch == 0))
     fast = optax.apply_updates(params, updates)
     slow = jax.tree.map(
         lambda s, f: jnp.where(sync, weight * s + (1 - weight) * f, s).astype(s.dtype),

@@ -179,21 +179,35 @@ def test_nesterov_sgd_with_faster_norm_biases_matches_an_independent_update():
     np.testing.assert_allclose(np.asarray(result[k]), expected[k], rtol=1e-5, atol=1e-6)
 
 
-def test_lookahead_averages_every_k_steps_and_ends_on_the_average():
-  inner = optax.sgd(0.1)
-  every, decay, total = 2, 0.9, 5
-  optimizer = optim.lookahead(inner, every, decay, total)
-  params = {"w": jnp.array([1.0, -1.0])}
-  rng = np.random.default_rng(1)
-  grads_list = [{"w": jnp.asarray(rng.standard_normal(2), jnp.float32)} for _ in range(total)]
-  result = _run(optimizer, params, grads_list)
+def _airbench_lookahead(grads_list, w, lr, every, decay, steps_per_epoch, start_epochs):
+  """airbench94's training loop around plain SGD: its EMA state, syncs and per-epoch copies."""
+  total, step, ema = len(grads_list), 0, None
+  for epoch in range(total // steps_per_epoch):
+    for _ in range(steps_per_epoch):
+      w = w - lr * grads_list[step]
+      step += 1
+      if epoch >= start_epochs and step % every == 0:
+        if ema is None:
+          ema = w.copy()
+        else:
+          rho = decay**every * (step / total) ** 3
+          ema = rho * ema + (1 - rho) * w
+          w = ema.copy()
+    if ema is not None:
+      w = ema.copy()
+  return w
 
-  fast = slow = np.array([1.0, -1.0])
-  for step, grads in enumerate(grads_list, start=1):
-    fast = fast - 0.1 * np.asarray(grads["w"])
-    if step % every == 0:
-      weight = decay**every * (step / total) ** 3
-      slow = weight * slow + (1 - weight) * fast
-      fast = slow
-  np.testing.assert_allclose(np.asarray(result["w"]), slow, rtol=1e-5)  # step 5: back to slow
+
+@pytest.mark.parametrize("start_epochs", [0, 1])
+def test_lookahead_matches_airbench_syncs_and_epoch_ends(start_epochs):
+  every, decay, steps_per_epoch, epochs = 2, 0.9, 3, 4
+  optimizer = optim.lookahead(
+      optax.sgd(0.1), every, decay, steps_per_epoch, epochs, start_epochs * steps_per_epoch
+  )
+  rng = np.random.default_rng(1)
+  grads_list = rng.standard_normal((steps_per_epoch * epochs, 2)).astype(np.float32)
+  w0 = np.array([1.0, -1.0], np.float32)
+  result = _run(optimizer, {"w": jnp.asarray(w0)}, [{"w": jnp.asarray(g)} for g in grads_list])
+  expected = _airbench_lookahead(grads_list, w0, 0.1, every, decay, steps_per_epoch, start_epochs)
+  np.testing.assert_allclose(np.asarray(result["w"]), expected, rtol=1e-5)
 
