@@ -41,6 +41,7 @@ def _airbench_sgd():
       lookahead_steps=5,
       lookahead_decay=0.95,
       lookahead_start_epochs=3.0,
+      whitening_bias_epochs=3.0,
   )
 
 

@@ -33,6 +33,8 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
           lookahead_steps=0,
           lookahead_decay=0.95,
           lookahead_start_epochs=0.0,  # the average starts after this many epochs (airbench: 3)
+          # a whitening layer's bias trains this many epochs, then stays (airbench: 3); 0: always
+          whitening_bias_epochs=0.0,
       )
   )
   config.update(overrides)

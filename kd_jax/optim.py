@@ -18,6 +18,7 @@ def make_optimizer(
     epochs: int,
     batch_size: int,
     norm_biases: optax.Params | None = None,
+    whitening_biases: optax.Params | None = None,
 ) -> optax.GradientTransformation:
   """Builds a stage's optax optimiser from its `optimizer` config.
 
@@ -30,8 +31,10 @@ def make_optimizer(
   SGD's `norm_bias_lr_multiplier` multiplies the gradients of the parameters
   that `norm_biases` (a tree of bools shaped as the parameters) marks, before
   weight decay: their learning rate grows by it, their decay per step does not
-  (airbench's bias_scaler). A positive `lookahead_steps` wraps the result in
-  `lookahead`.
+  (airbench's bias_scaler). A positive `whitening_bias_epochs` stops the
+  parameters that `whitening_biases` marks after that many epochs: no update,
+  no decay (airbench's whitening_bias_epochs). A positive `lookahead_steps`
+  wraps the result in `lookahead`.
   """
   lr = schedules.learning_rate_schedule(optimizer_config, steps_per_epoch, epochs, batch_size)
   name = optimizer_config.name
@@ -51,6 +54,10 @@ def make_optimizer(
       optimizer = optax.chain(optax.masked(multiplier, norm_biases), optimizer)
   else:
     raise UserInputError(f"unknown optimizer.name {name!r}; use one of {', '.join(OPTIMIZERS)}")
+  if optimizer_config.whitening_bias_epochs > 0:
+    last_step = int(optimizer_config.whitening_bias_epochs * steps_per_epoch)
+    freeze = optax.scale_by_schedule(lambda count: (count < last_step).astype(jnp.float32))
+    optimizer = optax.chain(optimizer, optax.masked(freeze, whitening_biases))
   if optimizer_config.grad_clip_norm > 0:
     optimizer = optax.chain(optax.clip_by_global_norm(optimizer_config.grad_clip_norm), optimizer)
   if optimizer_config.lookahead_steps:

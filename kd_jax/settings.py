@@ -92,6 +92,7 @@ def _optimizer_rules(stage: str) -> dict[str, Rule]:
       "lookahead_steps": _whole(">= 0 (0: no lookahead)", lambda v: v >= 0),
       "lookahead_decay": _number("in (0, 1]", lambda v: 0 < v <= 1),
       "lookahead_start_epochs": _NON_NEGATIVE,
+      "whitening_bias_epochs": _NON_NEGATIVE,
   }
   return {f"{stage}.optimizer.{key}": rule for key, rule in rules.items()}
 

@@ -21,9 +21,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import nnx
 from tqdm import tqdm
 
-from kd_jax import evaluate, logs, methods, ops, optim, parallel, schedules
+from kd_jax import evaluate, layers, logs, methods, ops, optim, parallel, schedules
 from kd_jax.checkpoint import StageCheckpoints
 from kd_jax.data.placement import TrainingData
 from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
@@ -409,12 +410,20 @@ def _optimizer(
     stage: Stage, steps: int, connectors: Variables | None
 ) -> optax.GradientTransformation:
   """The stage's optimiser, for its parameters and, where there are some, its connectors'."""
-  norm_biases = stage.network.norm_biases(stage.variables)
-  if connectors is not None:  # shaped as TrainState.trainable(): no connector is a norm bias
-    norm_biases = (norm_biases, jax.tree.map(lambda _: False, connectors.params))
+  network, variables = stage.network, stage.variables
+  norm_biases = network.biases_of(variables, nnx.BatchNorm)
+  whitening_biases = network.biases_of(variables, layers.PatchWhitening)
+  if connectors is not None:  # shaped as TrainState.trainable(): no connector is either
+    no_connector = jax.tree.map(lambda _: False, connectors.params)
+    norm_biases, whitening_biases = (norm_biases, no_connector), (whitening_biases, no_connector)
   settings = stage.settings
   return optim.make_optimizer(
-      settings.optimizer, steps, settings.epochs, settings.batch_size, norm_biases
+      settings.optimizer,
+      steps,
+      settings.epochs,
+      settings.batch_size,
+      norm_biases,
+      whitening_biases,
   )
 
 

@@ -4,8 +4,10 @@ import json
 import os
 
 import cv2
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import cifar_fast
 from kd_jax import layers, parallel, pipeline, whitening
@@ -50,6 +52,21 @@ def test_whitening_is_fitted_to_the_normalised_training_patches():
   )
   student, plain = create_network("dsconv_student", num_classes=4, in_channels=3, seed=0)
   assert whitening.fit(student, plain, data, mesh, batch_size=16) is plain
+
+
+def test_the_optimiser_masks_find_the_whitening_and_batch_norm_biases():
+  network, variables = create_network("airbench", num_classes=4, in_channels=3, seed=0)
+  for module_type, expected in (
+      (layers.PatchWhitening, {"['whiten']['bias']"}),
+      (nnx.BatchNorm, {f"['blocks'][{b}]['bn{i}']['bias']" for b in range(3) for i in (1, 2)}),
+  ):
+    mask = network.biases_of(variables, module_type)
+    marked = {
+        jax.tree_util.keystr(path, simple=False).removesuffix(".value")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(mask)
+        if leaf
+    }
+    assert marked == expected
 
 
 @pytest.mark.slow  # a whole run: its compilations take a minute or more

@@ -146,6 +146,32 @@ def _nesterov_reference(grads_list, params, lr, momentum, decay, multiplier_of):
   return params
 
 
+def test_whitening_bias_stops_after_its_epochs_as_if_left_out_of_the_optimiser():
+  config = default.optimizer_config(
+      name="sgd",
+      learning_rate=0.1,
+      momentum=0.85,
+      nesterov=True,
+      weight_decay=0.01,
+      grad_clip_norm=0.0,
+      schedule="constant",
+      whitening_bias_epochs=1.0,
+  )
+  params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.3, -0.1, 0.2])}
+  rng = np.random.default_rng(2)
+  grads_list = [
+      {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
+      for _ in range(6)
+  ]
+  optimizer = optim.make_optimizer(config, 2, 3, 64, None, {"kernel": False, "bias": True})
+  result = _run(optimizer, params, grads_list)
+  multipliers = {"kernel": 1, "bias": 1}
+  trained = _nesterov_reference(grads_list, params, 0.1, 0.85, 0.01, multipliers)
+  first_epoch = _nesterov_reference(grads_list[:2], params, 0.1, 0.85, 0.01, multipliers)
+  np.testing.assert_allclose(np.asarray(result["kernel"]), trained["kernel"], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(result["bias"]), first_epoch["bias"], rtol=1e-5)
+
+
 def _run(optimizer, params, grads_list):
   state = optimizer.init(params)
   for grads in grads_list:

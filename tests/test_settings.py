@@ -33,6 +33,7 @@ _OPTIMIZER = {
     "lookahead_steps": [-1, 2.5, "5"],
     "lookahead_decay": [0, 1.5, "0.95"],
     "lookahead_start_epochs": [-1, "3"],
+    "whitening_bias_epochs": [-1, "3"],
 }
 _STAGE = {
     "model": ["resnet21", "", None, "no_such_package.models:make"],
