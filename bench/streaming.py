@@ -53,7 +53,7 @@ def step_ms(feed, args, mesh) -> tuple[float, float]:
       args.model, num_classes=num_classes, in_channels=channels, seed=0
   )
   teacher = teacher_variables = None
-  objective = methods.cross_entropy_objective
+  objective = methods.labels_objective()
   if args.teacher:
     network, teacher_variables = create_network(
         args.teacher, num_classes=num_classes, in_channels=channels, seed=0

@@ -18,11 +18,23 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
           nesterov=False,  # sgd only
           weight_decay=0.0,
           grad_clip_norm=1.0,  # global-norm clipping; 0 switches it off
-          schedule="cosine",  # cosine | step | constant
-          warmup_epochs=0.0,  # cosine: linear warm-up before the decay
-          end_lr_fraction=0.0,  # cosine: final learning rate / peak
+          schedule="cosine",  # cosine | linear | step | constant
+          warmup_epochs=0.0,  # cosine, linear: linear warm-up before the decay...
+          start_lr_fraction=0.0,  # ...from this fraction of the peak
+          end_lr_fraction=0.0,  # cosine, linear: final learning rate / peak
           decay_epochs=(),  # step: epochs at which the rate is multiplied...
           decay_factor=0.1,  # ...by this
+          # sgd: batch-norm biases learn this many times faster, their decay per step
+          # unchanged (airbench: 64)
+          norm_bias_lr_multiplier=1.0,
+          # every this many steps the weights become a moving average of themselves
+          # (airbench's lookahead, 5; the average's weight rises as decay^steps * progress^3)
+          # and each epoch, the last included, ends on the average; 0: off
+          lookahead_steps=0,
+          lookahead_decay=0.95,
+          lookahead_start_epochs=0.0,  # the average starts after this many epochs (airbench: 3)
+          # a whitening layer's bias trains this many epochs, then stays (airbench: 3); 0: always
+          whitening_bias_epochs=0.0,
       )
   )
   config.update(overrides)
@@ -52,7 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
           std=(),
           download=True,  # may TFDS download the dataset if it is not prepared?
           tfds_data_dir="",  # where TFDS keeps prepared data; "" is its default
-          augment="crop_flip",  # crop_flip (pad-4 crop + flip) | resized_crop_flip (ImageNet) | none
+          # crop_flip (pad-4 crop + flip) | translate_flip (airbench: reflect-pad-2 crop + flip)
+          # | resized_crop_flip (ImageNet) | none
+          augment="crop_flip",
           # true: decode everything into memory first | false: stream from disk as training
           # goes (folder, or tfds prepared as array_record) | auto: stream when the decoded
           # images of one process's share exceed memory_budget_gb
@@ -79,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
           weights="",
           epochs=10,
           batch_size=64,
+          label_smoothing=0.0,  # the teacher's cross-entropy target: 1 - s on the label, s spread
           optimizer=optimizer_config(),
       )
   )
@@ -141,6 +156,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict(
       dict(
           batch_size=256,  # evaluation and throughput batch
+          # test accuracies average the logits of: none | flip (the image and its mirror) |
+          # flip_translate (airbench94's six views); latency, throughput and export: one view
+          tta="none",
           latency_repeats=50,  # batch-1 forward passes timed for latency
           throughput_repeats=10,  # batch_size forward passes timed for throughput
       )

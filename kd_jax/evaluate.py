@@ -5,6 +5,7 @@ import time
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jax_core
 
@@ -13,28 +14,57 @@ from kd_jax.data import augment as augment_lib
 from kd_jax.network import CONVOLUTION_NAMES, Network, Variables
 
 
-def make_forward(network: Network, mean_C: np.ndarray, std_C: np.ndarray) -> Callable:
+# Test-time augmentation (config eval.tta): each view's weight in the averaged logits.
+# flip_translate is airbench94's: half the image and its mirror, half the same pair
+# shifted one pixel up-left and down-right (into a mirrored border).
+TTA_WEIGHTS = {"none": (1.0,), "flip": (0.5, 0.5), "flip_translate": (0.25,) * 2 + (0.125,) * 4}
+
+
+def tta_views(x_BxHxWxC: jax.Array, tta: str) -> jax.Array:
+  """The views of a batch that test-time augmentation `tta` averages over, (V, B, H, W, C)."""
+  views = [x_BxHxWxC]
+  if tta == "flip_translate":
+    padded = jnp.pad(x_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    views += [padded[:, :-2, :-2], padded[:, 2:, 2:]]
+  if tta != "none":
+    views = [v for view in views for v in (view, view[:, :, ::-1])]
+  return jnp.stack(views)
+
+
+def make_forward(
+    network: Network, mean_C: np.ndarray, std_C: np.ndarray, tta: str = "none"
+) -> Callable:
   """Inference on uint8 images, `forward(variables, images) -> logits`.
 
   Normalisation is part of it, with the training split's statistics, so the
-  function is what a deployment runs.
+  function is what a deployment runs. With test-time augmentation `tta` (a key
+  of TTA_WEIGHTS), the logits are the weighted mean of those of `tta_views`,
+  computed as one batch.
   """
+  weights_V = jnp.asarray(TTA_WEIGHTS[tta])
 
   def forward(variables: Variables, images_BxHxWxC: jax.Array) -> jax.Array:
     x = augment_lib.normalize(images_BxHxWxC, mean_C, std_C)
-    return network.apply(variables, x, train=False)[0]
+    if tta == "none":
+      return network.apply(variables, x, train=False)[0]
+    views_VxBxHxWxC = tta_views(x, tta)
+    views, batch = views_VxBxHxWxC.shape[:2]
+    logits = network.apply(variables, views_VxBxHxWxC.reshape(-1, *x.shape[1:]), train=False)[0]
+    return jnp.einsum("v,vbc->bc", weights_V, logits.reshape(views, batch, -1))
 
   return forward
 
 
-def jit_forward(network: Network, mean_C: np.ndarray, std_C: np.ndarray, mesh) -> Callable:
+def jit_forward(
+    network: Network, mean_C: np.ndarray, std_C: np.ndarray, mesh, tta: str = "none"
+) -> Callable:
   """`make_forward` compiled for batches split over `mesh`.
 
   Its logits come back replicated, so that every process of a multi-host run
   can read all of them.
   """
   return parallel.in_order(
-      jax.jit(make_forward(network, mean_C, std_C), out_shardings=parallel.replicated(mesh))
+      jax.jit(make_forward(network, mean_C, std_C, tta), out_shardings=parallel.replicated(mesh))
   )
 
 

@@ -10,6 +10,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kd_jax import ops
@@ -34,7 +35,7 @@ class BatchNorm(nnx.BatchNorm):
     """Normalises x (..., C): with the batch's statistics in training mode, else the running ones."""
     if self.use_running_average:
       return super().__call__(x)
-    x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+    x, scale, bias = self.promote_dtype((x, self.scale_values(), self.bias[...]), dtype=self.dtype)
     y_NxC, mean_C, var_C = ops.normalize_with_batch_stats(
         x.reshape(-1, x.shape[-1]), scale, bias, self.epsilon
     )
@@ -51,11 +52,15 @@ class BatchNorm(nnx.BatchNorm):
     if self.use_running_average:
       return ops.global_avg_pool(nnx.relu(super().__call__(x_BxHxWxC)))
     x, scale, bias = self.promote_dtype(
-        (x_BxHxWxC, self.scale[...], self.bias[...]), dtype=self.dtype
+        (x_BxHxWxC, self.scale_values(), self.bias[...]), dtype=self.dtype
     )
     pooled_BxC, mean_C, var_C = ops.normalize_relu_pool(x, scale, bias, self.epsilon)
     self._update_running_stats(mean_C, var_C)
     return pooled_BxC
+
+  def scale_values(self) -> jax.Array:
+    """The per-feature scale: 1 everywhere for a batch norm made with use_scale=False."""
+    return self.scale[...] if self.use_scale else jnp.ones_like(self.bias[...])
 
   def _update_running_stats(self, mean_C: jax.Array, var_C: jax.Array) -> None:
     # As nnx.BatchNorm: the running averages take no gradient.
@@ -179,7 +184,7 @@ def conv_bn(
     if residual is not None:
       y = y + residual
     return _ACTIVATIONS[activation](y)
-  scale_D = bn.scale[...] * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
+  scale_D = bn.scale_values() * jax.lax.rsqrt(bn.var[...] + bn.epsilon)
   kernel = conv.kernel[...] * scale_D
   bias_D = bn.bias[...] - bn.mean[...] * scale_D
   y = ops.conv3x3_bias_onednn(
@@ -449,3 +454,82 @@ class InvertedResidual(nnx.Module):
     out = conv_bn(self.depthwise, self.bn, out, activation="relu6")
     residual = x_BxHxWxC if self.residual else None
     return conv_bn(self.project, self.project_bn, out, residual=residual)
+
+
+class WhiteningFilters(nnx.BatchStat):
+  """A whitening layer's filters: statistics of the training data, set once and never trained.
+
+  A kind of batch statistic, so they travel with the batch-norm statistics, outside the
+  optimiser.
+  """
+
+
+# airbench's regulariser of the patch covariance's eigenvalues.
+WHITENING_EPSILON = 5e-4
+
+
+def whitening_kernel(moment_DxD: np.ndarray, patch: int, epsilon: float = WHITENING_EPSILON):
+  """The (patch, patch, C, 2D) kernel that whitens patches whose second moment is `moment_DxD`.
+
+  D = patch * patch * C, a patch flattened as (row, column, channel). Its first D
+  filters are the eigenvectors of the moment, largest eigenvalue first, each divided by
+  sqrt(eigenvalue + epsilon), so that their outputs are uncorrelated with unit variance;
+  the last D are their negatives (after a GELU, both signs of each direction survive).
+  """
+  eigenvalues_D, eigenvectors_DxD = np.linalg.eigh(np.asarray(moment_DxD, np.float64))
+  filters_DxD = eigenvectors_DxD[:, ::-1] / np.sqrt(eigenvalues_D[::-1] + epsilon)
+  kernel_Dx2D = np.concatenate([filters_DxD, -filters_DxD], axis=1)
+  channels = len(moment_DxD) // (patch * patch)
+  return kernel_Dx2D.reshape(patch, patch, channels, -1).astype(np.float32)
+
+
+def image_patches(x_BxHxWxC: jax.Array, patch: int) -> jax.Array:
+  """Every patch x patch window (stride 1, no padding), flattened: (B, windows, patch^2 C).
+
+  Flattened as (row, column, channel), the order of an HWIO kernel's first three axes.
+  """
+  _, height, width, channels = x_BxHxWxC.shape
+  rows, columns = height - patch + 1, width - patch + 1
+  shifted = [
+      x_BxHxWxC[:, dy : dy + rows, dx : dx + columns, :]
+      for dy in range(patch)
+      for dx in range(patch)
+  ]
+  windows_BxRxWxPxC = jnp.stack(shifted, axis=-2)
+  return windows_BxRxWxPxC.reshape(x_BxHxWxC.shape[0], rows * columns, -1)
+
+
+class PatchWhitening(nnx.Module):
+  """A network's first layer: a fixed convolution that whitens the image's patches, plus a bias.
+
+  Keller Jordan's airbench: its 2 D filters (D = patch^2 * channels) over patch x patch
+  windows, unpadded, come from the training images (`whitening_kernel` of their patches'
+  second moment; kd_jax.whitening fits them before training) and stay fixed; the bias
+  trains. Until fitted, the filters pass each patch through unchanged (an identity moment).
+  """
+
+  def __init__(self, in_channels: int, *, patch: int = 2, rngs: nnx.Rngs):
+    """Creates the layer.
+
+    Args:
+      in_channels: number of input image channels.
+      patch: side of the square windows; the layer outputs 2 * patch^2 * in_channels channels.
+      rngs: unused (nothing random to initialise); taken as every layer takes it.
+    """
+    del rngs
+    self.patch = patch
+    dims = patch * patch * in_channels
+    self.filters = WhiteningFilters(jnp.asarray(whitening_kernel(np.eye(dims), patch)))
+    self.bias = nnx.Param(jnp.zeros((2 * dims,), jnp.float32))
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the whitening filters and the bias to channels-last images."""
+    kernel = self.filters[...].astype(x_BxHxWxC.dtype)
+    y = jax.lax.conv_general_dilated(
+        x_BxHxWxC, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return y + self.bias[...].astype(y.dtype)
+
+  def fit(self, moment_DxD: np.ndarray) -> None:
+    """Sets the filters to whiten patches whose second moment is `moment_DxD`."""
+    self.filters[...] = jnp.asarray(whitening_kernel(moment_DxD, self.patch))

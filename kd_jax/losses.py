@@ -25,9 +25,18 @@ def softmax_with_temperature(logits: jax.Array, temperature) -> jax.Array:
   return jax.nn.softmax(logits / temperature, axis=-1)
 
 
-def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
-  """Mean cross-entropy of integer labels."""
-  return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B).mean()
+def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array, label_smoothing=0.0) -> jax.Array:
+  """Mean cross-entropy of integer labels.
+
+  With `label_smoothing` s, the target puts 1 - s on the label and spreads s
+  evenly over all classes, as PyTorch's `cross_entropy(label_smoothing=s)`.
+  """
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BxC, labels_B).mean()
+  targets_BxC = optax.smooth_labels(
+      jax.nn.one_hot(labels_B, logits_BxC.shape[-1], dtype=logits_BxC.dtype), label_smoothing
+  )
+  return optax.softmax_cross_entropy(logits_BxC, targets_BxC).mean()
 
 
 def kl_divergence(

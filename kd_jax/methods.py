@@ -111,10 +111,14 @@ def make_objective(distill_config, steps_per_epoch: int, epochs: int) -> Objecti
   return {"kd": kd, "dkd": dkd, "crd": kd}[distill_config.method]
 
 
-def cross_entropy_objective(student_logits_BxC, teacher_logits_BxC, labels_B, step):
-  """Labels only: what the teacher and the baseline minimise."""
-  del teacher_logits_BxC, step  # Unused: no teacher.
-  return losses.cross_entropy(student_logits_BxC, labels_B), {}
+def labels_objective(label_smoothing: float = 0.0) -> Objective:
+  """Labels only, what the teacher and the baseline minimise: cross-entropy, smoothed or not."""
+
+  def objective(student_logits_BxC, teacher_logits_BxC, labels_B, step):
+    del teacher_logits_BxC, step  # Unused: no teacher.
+    return losses.cross_entropy(student_logits_BxC, labels_B, label_smoothing), {}
+
+  return objective
 
 
 class StepData(NamedTuple):

@@ -19,6 +19,7 @@ import importlib
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from kd_jax import layers, ops
@@ -361,6 +362,101 @@ class MobileNetV2(nnx.Module):
     return ops.global_avg_pool(x)
 
 
+# PyTorch's default init of convolution and linear weights, uniform within 1/sqrt(fan_in):
+# airbench's learning rates are tuned to the weight norms it gives.
+_TORCH_INIT = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def _airbench_conv(in_features: int, out_features: int, rngs: nnx.Rngs) -> layers.Conv3x3:
+  """airbench's 3x3 convolution: PyTorch's init, its first in_features filters the identity.
+
+  Starting as a partial identity (torch.nn.init.dirac_) lets the input pass through
+  the deep layers early in training.
+  """
+  conv = layers.Conv3x3(
+      in_features,
+      out_features,
+      kernel_size=(3, 3),
+      padding=((1, 1), (1, 1)),
+      use_bias=False,
+      kernel_init=_TORCH_INIT,
+      rngs=rngs,
+  )
+  identity = min(in_features, out_features)
+  kernel = conv.kernel[...].at[:, :, :, :identity].set(0.0)
+  conv.kernel[...] = kernel.at[1, 1, jnp.arange(identity), jnp.arange(identity)].set(1.0)
+  return conv
+
+
+def _airbench_norm(features: int, rngs: nnx.Rngs) -> layers.BatchNorm:
+  """airbench's batch norm: no scale (fixed at 1), a fast running average (PyTorch's 0.4)."""
+  return layers.BatchNorm(features, momentum=0.6, epsilon=1e-12, use_scale=False, rngs=rngs)
+
+
+class AirbenchBlock(nnx.Module):
+  """airbench's block: conv3x3, max pool 2, BN, GELU, conv3x3, BN, GELU."""
+
+  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs):
+    """Creates the block; it halves the resolution and outputs `out_features` channels."""
+    self.conv1 = _airbench_conv(in_features, out_features, rngs)
+    self.bn1 = _airbench_norm(out_features, rngs)
+    self.conv2 = _airbench_conv(out_features, out_features, rngs)
+    self.bn2 = _airbench_norm(out_features, rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Applies the block to channels-last images."""
+    x = nnx.max_pool(self.conv1(x_BxHxWxC), window_shape=(2, 2), strides=(2, 2))
+    x = nnx.gelu(self.bn1(x), approximate=False)
+    return nnx.gelu(layers.conv_bn(self.conv2, self.bn2, x), approximate=False)
+
+
+class AirbenchNet(nnx.Module):
+  """Keller Jordan's airbench94 network (arXiv 2404.00498), a small VGG for 32x32 images.
+
+  A fixed 2x2 whitening layer (`layers.PatchWhitening`) and GELU, three `AirbenchBlock`s of
+  64, 256 and 256 channels, a global max pool and a bias-free linear layer whose logits
+  are scaled by 1/9. Needs images of at least 9 x 9 pixels (three halvings after the
+  whitening's 2x2 windows).
+  """
+
+  logit_scale = 1 / 9
+
+  def __init__(
+      self,
+      *,
+      num_classes: int,
+      in_channels: int,
+      rngs: nnx.Rngs,
+      widths: Sequence[int] = (64, 256, 256),
+  ):
+    """Creates the network.
+
+    Args:
+      num_classes: number of output logits.
+      in_channels: number of input image channels.
+      rngs: random key source for the parameter inits.
+      widths: channels of the three blocks.
+    """
+    self.whiten = layers.PatchWhitening(in_channels, patch=2, rngs=rngs)
+    blocks, cin = [], 2 * 2 * 2 * in_channels
+    for width in widths:
+      blocks.append(AirbenchBlock(cin, width, rngs=rngs))
+      cin = width
+    self.blocks = nnx.List(blocks)
+    self.fc = nnx.Linear(cin, num_classes, use_bias=False, kernel_init=_TORCH_INIT, rngs=rngs)
+
+  def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
+    """Returns the logits (B, num_classes) for images (B, H, W, C)."""
+    return self.with_features(x_BxHxWxC)[0]
+
+  def with_features(self, x_BxHxWxC: jax.Array) -> tuple[jax.Array, Features]:
+    """The logits and the features: each block a stage (see `run_stages`), and "pooled"."""
+    x = nnx.gelu(self.whiten(x_BxHxWxC), approximate=False)
+    x, features = run_stages(self.blocks, (1, 1, 1), x)
+    features["pooled"] = x.max(axis=(1, 2))
+    return self.fc(features["pooled"]) * self.logit_scale, features
+
+
 _RESNET_WIDTHS = (16, 16, 32, 64)
 _RESNET_X4_WIDTHS = (32, 64, 128, 256)
 
@@ -388,6 +484,7 @@ _MODELS: dict[str, Callable[..., nnx.Module]] = {
         ImageNetResNet, block=layers.Bottleneck, blocks_per_stage=(3, 4, 6, 3)
     ),
     "mobilenet_v2": MobileNetV2,
+    "airbench": AirbenchNet,
 }
 
 # Models whose constructor takes a width_multiplier; the rest have the fixed

@@ -102,6 +102,20 @@ class Network:
     """
     return dataclasses.replace(self, convolutions="xla")
 
+  def biases_of(self, variables: Variables, module_type: type):
+    """Which of `variables.params` are biases of `module_type` modules (e.g. nnx.BatchNorm).
+
+    A tree of bools shaped as the parameters, for an optimiser's masks.
+    """
+    model = self._merge(variables, train=True)
+    owners = {path for path, module in nnx.iter_modules(model) if isinstance(module, module_type)}
+
+    def is_owned_bias(key_path, _) -> bool:
+      names = tuple(k.key for k in key_path if isinstance(k, jax.tree_util.DictKey))
+      return names[-1] == "bias" and names[:-1] in owners
+
+    return jax.tree_util.tree_map_with_path(is_owned_bias, variables.params)
+
   def _merge(self, variables: Variables, train: bool) -> nnx.Module:
     graph = self.train_graph if train else self.eval_graph
     model = nnx.merge(graph, variables.params, variables.batch_stats, copy=True)

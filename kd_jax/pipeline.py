@@ -30,6 +30,7 @@ from kd_jax import (
     teacher_cache,
     teachers,
     train,
+    whitening,
 )
 from kd_jax.data import in_memory
 from kd_jax.data.placement import TrainingData
@@ -113,7 +114,8 @@ class _Run:
   def network(self, stage: str, seed: int) -> tuple[Network, Variables]:
     """A fresh network of `stage` ("teacher" or "student") for this data, from `seed`.
 
-    Initialised from the stage's weights file if it names one.
+    Initialised from the stage's weights file if it names one; its whitening
+    layers, if it has any, fitted to the training images.
     """
     network, variables = pretrained.create_network(
         stage,
@@ -124,6 +126,7 @@ class _Run:
         compute_dtype=resolve_compute_dtype(self.config.compute_dtype),
     )
     logging.info("%s: convolutions: %s", stage, CONVOLUTION_NAMES[network.convolutions])
+    variables = whitening.fit(network, variables, self.data, self.mesh, self.config.eval.batch_size)
     return network, variables
 
   def train(self, stage: train.Stage) -> train.StageResult:
@@ -373,7 +376,9 @@ def _summarise(
   """Test logits, and the test results and costs of one trained model (and of its export)."""
   training, config = run.data, run.config
   logits, labels = training.predict(
-      evaluate.jit_forward(network, training.mean_C, training.std_C, run.mesh),
+      evaluate.jit_forward(
+          network, training.mean_C, training.std_C, run.mesh, tta=config.eval.tta
+      ),
       variables,
       "test",
       config.eval.batch_size,
@@ -381,6 +386,7 @@ def _summarise(
   summary = {
       "top1": evaluate.topk_accuracy(logits, labels, 1),
       "top5": evaluate.topk_accuracy(logits, labels, 5),
+      "tta": config.eval.tta,
   }
   summary.update(
       evaluate.measure_efficiency(

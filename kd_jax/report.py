@@ -10,6 +10,7 @@ MODEL_FIELDS = (  # (key, column title, format)
     ("best_top1", "top-1 (best epoch)", "{:.4f}"),
     ("best_epoch", "best epoch", "{}"),
     ("top5", "top-5", "{:.4f}"),
+    ("tta", "test-time augmentation (top-1, top-5)", "{}"),
     ("params", "params", "{:,}"),
     ("param_bytes", "param bytes", "{:,}"),
     ("macs", "MACs/image", "{:,.0f}"),

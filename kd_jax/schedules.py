@@ -13,7 +13,7 @@ from kd_jax.errors import UserInputError
 
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
-LEARNING_RATE_SCHEDULES = ("cosine", "step", "constant")
+LEARNING_RATE_SCHEDULES = ("cosine", "linear", "step", "constant")
 TEMPERATURE_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -34,22 +34,34 @@ def learning_rate_schedule(
 ) -> Schedule:
   """The learning rate per step, from a stage's `optimizer` config.
 
-  `schedule`: 'cosine' (linear warm-up over `warmup_epochs`, then cosine decay
-  to `end_lr_fraction` of the peak over the rest of the run), 'step' (multiply
+  `schedule`: 'cosine' (linear warm-up over `warmup_epochs` from
+  `start_lr_fraction` of the peak, then cosine decay to `end_lr_fraction` of the
+  peak over the rest of the run), 'linear' (the same warm-up, then a straight
+  line down to `end_lr_fraction`: airbench's triangle), 'step' (multiply
   by `decay_factor` at each epoch in `decay_epochs`) or 'constant'. The peak
   is `peak_learning_rate` for the stage's global `batch_size`.
   """
   lr = peak_learning_rate(optimizer_config, batch_size)
   total_steps = max(steps_per_epoch * epochs, 1)
   kind = optimizer_config.schedule
+  warmup_steps = min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
+  start = lr * optimizer_config.start_lr_fraction if warmup_steps else lr
+  end = lr * optimizer_config.end_lr_fraction
   if kind == "cosine":
-    warmup_steps = min(int(optimizer_config.warmup_epochs * steps_per_epoch), total_steps - 1)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0 if warmup_steps else lr,
+        init_value=start,
         peak_value=lr,
         warmup_steps=warmup_steps,
         decay_steps=total_steps,
-        end_value=lr * optimizer_config.end_lr_fraction,
+        end_value=end,
+    )
+  if kind == "linear":
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(start, lr, warmup_steps),
+            optax.linear_schedule(lr, end, total_steps - warmup_steps),
+        ],
+        [warmup_steps],
     )
   if kind == "step":
     boundaries = {

@@ -14,7 +14,17 @@ from typing import Any, Callable
 
 import ml_collections
 
-from kd_jax import data, methods, models, optim, parallel, pretrained, schedules, teacher_cache
+from kd_jax import (
+    data,
+    evaluate,
+    methods,
+    models,
+    optim,
+    parallel,
+    pretrained,
+    schedules,
+    teacher_cache,
+)
 from kd_jax.data import augment
 from kd_jax.errors import UserInputError
 from kd_jax.network import resolve_compute_dtype, split_model
@@ -74,9 +84,15 @@ def _optimizer_rules(stage: str) -> dict[str, Rule]:
       "grad_clip_norm": _number(">= 0 (0: no clipping)", lambda v: v >= 0),
       "schedule": _one_of(schedules.LEARNING_RATE_SCHEDULES),
       "warmup_epochs": _NON_NEGATIVE,
+      "start_lr_fraction": _FRACTION,
       "end_lr_fraction": _FRACTION,
       "decay_epochs": _EPOCH_LIST,
       "decay_factor": _number("in (0, 1]", lambda v: 0 < v <= 1),
+      "norm_bias_lr_multiplier": _POSITIVE,
+      "lookahead_steps": _whole(">= 0 (0: no lookahead)", lambda v: v >= 0),
+      "lookahead_decay": _number("in (0, 1]", lambda v: 0 < v <= 1),
+      "lookahead_start_epochs": _NON_NEGATIVE,
+      "whitening_bias_epochs": _NON_NEGATIVE,
   }
   return {f"{stage}.optimizer.{key}": rule for key, rule in rules.items()}
 
@@ -123,7 +139,9 @@ RULES: dict[str, Rule] = {
     "data.teacher_logits_dir": _TEXT,
     "data.mean": _CHANNEL_VALUES,
     "data.std": _CHANNEL_VALUES,  # the channel count and std > 0: augment.given_stats
-    **_stage_rules("teacher", checkpoint=_TEXT),
+    **_stage_rules(
+        "teacher", checkpoint=_TEXT, label_smoothing=_number("in [0, 1)", lambda v: 0 <= v < 1)
+    ),
     **_stage_rules("student", width_multiplier=_POSITIVE),
     "distill.method": _TEXT,
     "distill.mode": _one_of(DISTILL_MODES),
@@ -154,6 +172,7 @@ RULES: dict[str, Rule] = {
     "checkpoint.allow_config_change": _FLAG,
     "export.enabled": _FLAG,
     "eval.batch_size": _whole(),
+    "eval.tta": _one_of(evaluate.TTA_WEIGHTS),
     "eval.latency_repeats": _whole(">= 1", lambda v: v >= 1),
     "eval.throughput_repeats": _whole(">= 1", lambda v: v >= 1),
 }
@@ -200,7 +219,7 @@ def check(config: ml_collections.ConfigDict, mesh) -> None:
     except UserInputError as e:
       raise UserInputError(f"{stage}.model: {e}") from None
     pretrained.check_settings(stage, config[stage])
-    _check_schedule(stage, config[stage])
+    _check_optimizer(stage, config[stage])
   _check_data(config.data)
   _check_teacher_logits_dir(config)
   teacher = config.teacher
@@ -213,10 +232,17 @@ def check(config: ml_collections.ConfigDict, mesh) -> None:
     )
 
 
-def _check_schedule(stage: str, stage_config) -> None:
-  """A learning-rate schedule whose settings cannot do what they say."""
+def _check_optimizer(stage: str, stage_config) -> None:
+  """An optimiser or learning-rate schedule whose settings cannot do what they say."""
   optimizer = stage_config.optimizer
-  if optimizer.schedule == "cosine" and 0 < stage_config.epochs < optimizer.warmup_epochs:
+  if optimizer.norm_bias_lr_multiplier != 1 and optimizer.name != "sgd":
+    raise UserInputError(
+        f"{stage}.optimizer.norm_bias_lr_multiplier={optimizer.norm_bias_lr_multiplier} "
+        f"works with sgd only, not {optimizer.name!r} (whose steps ignore a gradient's "
+        "scale); set it to 1 or use name=sgd"
+    )
+  warms_up = optimizer.schedule in ("cosine", "linear")
+  if warms_up and 0 < stage_config.epochs < optimizer.warmup_epochs:
     raise UserInputError(
         f"{stage}.optimizer.warmup_epochs={optimizer.warmup_epochs} is longer than "
         f"{stage}.epochs={stage_config.epochs}; shorten the warm-up"

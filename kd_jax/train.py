@@ -21,9 +21,10 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import nnx
 from tqdm import tqdm
 
-from kd_jax import evaluate, logs, methods, ops, optim, parallel, schedules
+from kd_jax import evaluate, layers, logs, methods, ops, optim, parallel, schedules
 from kd_jax.checkpoint import StageCheckpoints
 from kd_jax.data.placement import TrainingData
 from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
@@ -69,7 +70,7 @@ def make_train_step(
     seed: int,
     mesh,
     teacher: Teacher | None = None,
-    objective: methods.Objective = methods.cross_entropy_objective,
+    objective: methods.Objective = methods.labels_objective(),
     feature_method: methods.FeatureMethod | None = None,
 ) -> Callable:
   """The jitted `train_step(state, batch, teacher_variables) -> (state, metrics)`.
@@ -348,8 +349,9 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
   parallel.check_batch_size(batch_size, f"{stage.name}.batch_size", mesh)
   check_batch_fits(f"{stage.name}.batch_size", batch_size, data.num_train)
   steps = data.steps_per_epoch(batch_size)
-  optimizer = optim.make_optimizer(stage.settings.optimizer, steps, epochs, batch_size)
-  objective, feature_method = methods.cross_entropy_objective, None
+  # Only the teacher's settings have label_smoothing: a student's labels term stays plain.
+  objective = methods.labels_objective(stage.settings.get("label_smoothing", 0.0))
+  feature_method = None
   if stage.teacher is not None and config.distill.method in methods.FEATURE_METHODS:
     feature_method = methods.make_feature_method(
         config.distill,
@@ -363,6 +365,8 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
     )
   elif stage.teacher is not None:
     objective = methods.make_objective(config.distill, steps, epochs)
+  connectors = None if feature_method is None else feature_method.connector_variables
+  optimizer = _optimizer(stage, steps, connectors)
   train_step = make_train_step(
       stage.network,
       optimizer,
@@ -389,7 +393,9 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
       steps=steps,
       epochs=epochs,
       train_step=train_step,
-      forward=evaluate.jit_forward(stage.network, data.mean_C, data.std_C, mesh),
+      forward=evaluate.jit_forward(
+          stage.network, data.mean_C, data.std_C, mesh, tta=config.eval.tta
+      ),
       eval_batch_size=config.eval.batch_size,
       every_steps=config.checkpoint.every_steps,
       meta={
@@ -399,10 +405,30 @@ def _prepare(stage: Stage, data: TrainingData, config, mesh) -> tuple[StageLoop,
           "settings": settings,
       },
   )
-  connectors = None if feature_method is None else feature_method.connector_variables
   state = TrainState(jnp.zeros((), jnp.int32), stage.variables, None, connectors)
   state = state.replace(opt_state=optimizer.init(state.trainable()))
   return loop, jax.device_put(state, parallel.replicated(mesh))
+
+
+def _optimizer(
+    stage: Stage, steps: int, connectors: Variables | None
+) -> optax.GradientTransformation:
+  """The stage's optimiser, for its parameters and, where there are some, its connectors'."""
+  network, variables = stage.network, stage.variables
+  norm_biases = network.biases_of(variables, nnx.BatchNorm)
+  whitening_biases = network.biases_of(variables, layers.PatchWhitening)
+  if connectors is not None:  # shaped as TrainState.trainable(): no connector is either
+    no_connector = jax.tree.map(lambda _: False, connectors.params)
+    norm_biases, whitening_biases = (norm_biases, no_connector), (whitening_biases, no_connector)
+  settings = stage.settings
+  return optim.make_optimizer(
+      settings.optimizer,
+      steps,
+      settings.epochs,
+      settings.batch_size,
+      norm_biases,
+      whitening_biases,
+  )
 
 
 def _resume(name: str, state: TrainState, checkpoints: StageCheckpoints) -> Progress:

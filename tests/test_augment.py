@@ -30,7 +30,8 @@ def test_resized_crop_keeps_shape_and_values_and_draws_per_image():
 
 
 def test_unknown_augmentation_names_the_choices():
-  with pytest.raises(UserInputError, match="use one of crop_flip, resized_crop_flip, none"):
+  choices = "crop_flip, resized_crop_flip, translate_flip, none"
+  with pytest.raises(UserInputError, match=f"use one of {choices}"):
     augment.get_augmentation("mixup")
 
 
@@ -43,3 +44,26 @@ def test_given_stats_override_the_computed_ones_or_are_refused():
     augment.given_stats({"mean": (0.5,), "std": (0.2,)}, 3)
   with pytest.raises(UserInputError, match="0..1 scale"):
     augment.given_stats({"mean": (124.0, 116.0, 104.0), "std": (58.0, 57.0, 57.0)}, 3)
+
+
+def _flipped(image, flip):
+  return image[:, ::-1] if flip else image
+
+
+def test_translate_flip_shifts_by_at_most_two_into_a_mirrored_border():
+  images = np.random.default_rng(2).integers(0, 256, (16, 6, 7, 3), dtype=np.uint8)
+  out = np.asarray(augment.AUGMENTATIONS["translate_flip"](jax.random.key(0), images))
+  padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="reflect")
+  offsets, flips = set(), set()
+  for pad, result in zip(padded, out):
+    found = [
+        (dy, dx, flip)
+        for dy in range(5)
+        for dx in range(5)
+        for flip in (False, True)
+        if np.array_equal(result, _flipped(pad[dy : dy + 6, dx : dx + 7], flip))
+    ]
+    assert found, "not a crop of the mirrored-border image"
+    offsets.add(found[0][:2])
+    flips.add(found[0][2])
+  assert len(offsets) > 3 and flips == {False, True}  # the draws vary

@@ -51,3 +51,34 @@ def test_student_costs_per_image_count_every_layer():
   # XLA counts a multiply and an add per MAC (none for padding), plus the batch norms and
   # ReLUs: every layer is in it, none hidden in a native call.
   assert 1.5 * STUDENT_MACS <= costs["flops"] <= 3 * STUDENT_MACS
+
+
+def _uint8_images(shape, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror():
+  net, variables = network.create_network("dsconv_student", num_classes=5, in_channels=3, seed=0)
+  mean_C, std_C = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+  plain = evaluate.make_forward(net, mean_C, std_C)
+  images = _uint8_images((3, 8, 8, 3))
+  expected = 0.5 * (plain(variables, images) + plain(variables, images[:, :, ::-1]))
+  flipped = evaluate.make_forward(net, mean_C, std_C, tta="flip")(variables, images)
+  np.testing.assert_allclose(np.asarray(flipped), np.asarray(expected), rtol=1e-5, atol=1e-6)
+  assert not np.allclose(np.asarray(flipped), np.asarray(plain(variables, images)))
+
+
+def test_flip_translate_tta_is_airbench94s_six_views():
+  net, variables = network.create_network("dsconv_student", num_classes=5, in_channels=3, seed=1)
+  mean_C, std_C = np.zeros(3, np.float32), np.ones(3, np.float32)
+  plain = evaluate.make_forward(net, mean_C, std_C)
+  images = _uint8_images((2, 8, 8, 3), seed=1)
+  padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+
+  def mirrored(x):
+    return 0.5 * (plain(variables, x) + plain(variables, x[:, :, ::-1]))
+
+  shifted = 0.5 * (mirrored(padded[:, :8, :8]) + mirrored(padded[:, 2:, 2:]))
+  expected = 0.5 * mirrored(images) + 0.5 * shifted
+  tta = evaluate.make_forward(net, mean_C, std_C, tta="flip_translate")(variables, images)
+  np.testing.assert_allclose(np.asarray(tta), np.asarray(expected), rtol=1e-5, atol=1e-6)

@@ -265,3 +265,36 @@ def test_residual_blocks(block_cls, cin, cout, stride, has_shortcut):
   assert (block.shortcut is not None) == has_shortcut
   out = block(normal((2, 8, 8, cin)))
   assert out.shape == (2, 8 // stride, 8 // stride, cout)
+
+
+def test_whitening_layer_gives_patches_identity_covariance():
+  # Correlated channels and neighbouring pixels, as in real images.
+  rng = np.random.default_rng(0)
+  noise = rng.standard_normal((64, 13, 13, 3))
+  images = noise[:, :-1, :-1] + noise[:, 1:, 1:] + 0.5 * noise[..., ::-1][:, :-1, :-1]
+  images = (images @ np.array([[1.0, 0.8, 0.2], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])).astype(
+      np.float32
+  )
+  patches = np.asarray(layers.image_patches(jnp.asarray(images), 2)).reshape(-1, 12)
+  layer = layers.PatchWhitening(3, patch=2, rngs=nnx.Rngs(0))
+  layer.fit(patches.T.astype(np.float64) @ patches / len(patches))
+  whitened = np.asarray(layer(jnp.asarray(images))).reshape(-1, 24)
+  covariance = whitened[:, :12].T @ whitened[:, :12] / len(whitened)
+  np.testing.assert_allclose(covariance, np.eye(12), atol=5e-3)
+  np.testing.assert_allclose(whitened[:, 12:], -whitened[:, :12], atol=1e-5)  # the negatives
+
+
+def test_image_patches_are_the_windows_an_hwio_kernel_sees():
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 5, 6, 3)).astype(np.float32)
+  kernel = rng.standard_normal((2, 2, 3, 4)).astype(np.float32)
+  convolved = jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+  patches = layers.image_patches(jnp.asarray(x), 2)
+  np.testing.assert_allclose(
+      np.asarray(patches @ kernel.reshape(12, 4)).reshape(convolved.shape),
+      np.asarray(convolved),
+      rtol=1e-5,
+      atol=1e-5,
+  )

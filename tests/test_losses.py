@@ -451,3 +451,15 @@ def test_feature_losses_refuse_unpaired_features():
     losses.attention_transfer_loss(maps, maps * 2)
   with pytest.raises(ValueError, match=r"\(2, 4, 4, 3\).*\(2, 2, 2, 3\)"):
     losses.hierarchical_context_loss(maps, [np.zeros((2, 2, 2, 3), np.float32)])
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2, 0.9])
+def test_label_smoothing_matches_numpy(smoothing):
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((6, 5)).astype(np.float32) * 3
+  labels = rng.integers(0, 5, 6)
+  targets = np.full((6, 5), smoothing / 5)
+  targets[np.arange(6), labels] += 1 - smoothing
+  expected = -(targets * _log_softmax(logits.astype(np.float64))).sum(-1).mean()
+  loss = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), smoothing)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)

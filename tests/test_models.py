@@ -121,6 +121,7 @@ def test_unknown_model_lists_known_names():
 def test_model_names_are_the_documented_models_in_alphabetical_order():
   # The models README.md lists, as error messages and --help show them.
   assert models.model_names() == [
+      "airbench",
       "dsconv_student",
       "mobilenet_v2",
       "resnet110",

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -106,3 +107,133 @@ def test_reference_batch_size_scales_the_peak_linearly():
   assert float(schedule(0)) == pytest.approx(0.4)
   config.reference_batch_size = 0
   assert schedules.peak_learning_rate(config, 256) == 0.2
+
+
+def test_linear_schedule_is_airbenchs_triangle():
+  config = default.optimizer_config(
+      learning_rate=2.0,
+      schedule="linear",
+      warmup_epochs=2,
+      start_lr_fraction=0.2,
+      end_lr_fraction=0.07,
+  )
+  schedule = schedules.learning_rate_schedule(config, steps_per_epoch=5, epochs=10, batch_size=64)
+  total, warmup = 50, 10
+
+  def expected(step):  # airbench94's get_lr, times the peak
+    if step < warmup:
+      return 2.0 * (0.2 + 0.8 * step / warmup)
+    return 2.0 * (1.0 - 0.93 * (step - warmup) / (total - warmup))
+
+  steps = [0, 3, 9, 10, 11, 30, 49, 50]
+  np.testing.assert_allclose(
+      [float(schedule(s)) for s in steps], [expected(s) for s in steps], rtol=1e-6
+  )
+
+
+def _nesterov_reference(grads_list, params, lr, momentum, decay, multiplier_of):
+  """PyTorch's Nesterov SGD in NumPy, each gradient first multiplied by `multiplier_of` its name.
+
+  g = multiplier * grad + decay * p; b = momentum * b + g; p -= lr * (g + momentum * b).
+  """
+  params = {k: np.array(v, np.float64) for k, v in params.items()}
+  buffers = {k: np.zeros_like(v) for k, v in params.items()}
+  for grads in grads_list:
+    for k in params:
+      g = multiplier_of[k] * np.asarray(grads[k], np.float64) + decay * params[k]
+      buffers[k] = momentum * buffers[k] + g
+      params[k] = params[k] - lr * (g + momentum * buffers[k])
+  return params
+
+
+def test_whitening_bias_stops_after_its_epochs_as_if_left_out_of_the_optimiser():
+  config = default.optimizer_config(
+      name="sgd",
+      learning_rate=0.1,
+      momentum=0.85,
+      nesterov=True,
+      weight_decay=0.01,
+      grad_clip_norm=0.0,
+      schedule="constant",
+      whitening_bias_epochs=1.0,
+  )
+  params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.3, -0.1, 0.2])}
+  rng = np.random.default_rng(2)
+  grads_list = [
+      {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
+      for _ in range(6)
+  ]
+  optimizer = optim.make_optimizer(config, 2, 3, 64, None, {"kernel": False, "bias": True})
+  result = _run(optimizer, params, grads_list)
+  multipliers = {"kernel": 1, "bias": 1}
+  trained = _nesterov_reference(grads_list, params, 0.1, 0.85, 0.01, multipliers)
+  first_epoch = _nesterov_reference(grads_list[:2], params, 0.1, 0.85, 0.01, multipliers)
+  np.testing.assert_allclose(np.asarray(result["kernel"]), trained["kernel"], rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(result["bias"]), first_epoch["bias"], rtol=1e-5)
+
+
+def _run(optimizer, params, grads_list):
+  state = optimizer.init(params)
+  for grads in grads_list:
+    updates, state = optimizer.update(grads, state, params)
+    params = jax.tree.map(lambda p, u: p + u, params, updates)
+  return params
+
+
+def test_nesterov_sgd_with_faster_norm_biases_matches_an_independent_update():
+  config = default.optimizer_config(
+      name="sgd",
+      learning_rate=0.1,
+      momentum=0.85,
+      nesterov=True,
+      weight_decay=0.01,
+      grad_clip_norm=0.0,
+      schedule="constant",
+      norm_bias_lr_multiplier=64.0,
+  )
+  params = {"kernel": jnp.array([1.0, -2.0, 0.5]), "bias": jnp.array([0.3, -0.1])}
+  norm_biases = {"kernel": False, "bias": True}
+  rng = np.random.default_rng(0)
+  grads_list = [
+      {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
+      for _ in range(4)
+  ]
+  optimizer = optim.make_optimizer(config, 1, 4, 64, norm_biases)
+  result = _run(optimizer, params, grads_list)
+  expected = _nesterov_reference(grads_list, params, 0.1, 0.85, 0.01, {"kernel": 1, "bias": 64})
+  for k in params:
+    np.testing.assert_allclose(np.asarray(result[k]), expected[k], rtol=1e-5, atol=1e-6)
+
+
+def _airbench_lookahead(grads_list, w, lr, every, decay, steps_per_epoch, start_epochs):
+  """airbench94's training loop around plain SGD: its EMA state, syncs and per-epoch copies."""
+  total, step, ema = len(grads_list), 0, None
+  for epoch in range(total // steps_per_epoch):
+    for _ in range(steps_per_epoch):
+      w = w - lr * grads_list[step]
+      step += 1
+      if epoch >= start_epochs and step % every == 0:
+        if ema is None:
+          ema = w.copy()
+        else:
+          rho = decay**every * (step / total) ** 3
+          ema = rho * ema + (1 - rho) * w
+          w = ema.copy()
+    if ema is not None:
+      w = ema.copy()
+  return w
+
+
+@pytest.mark.parametrize("start_epochs", [0, 1])
+def test_lookahead_matches_airbench_syncs_and_epoch_ends(start_epochs):
+  every, decay, steps_per_epoch, epochs = 2, 0.9, 3, 4
+  optimizer = optim.lookahead(
+      optax.sgd(0.1), every, decay, steps_per_epoch, epochs, start_epochs * steps_per_epoch
+  )
+  rng = np.random.default_rng(1)
+  grads_list = rng.standard_normal((steps_per_epoch * epochs, 2)).astype(np.float32)
+  w0 = np.array([1.0, -1.0], np.float32)
+  result = _run(optimizer, {"w": jnp.asarray(w0)}, [{"w": jnp.asarray(g)} for g in grads_list])
+  expected = _airbench_lookahead(grads_list, w0, 0.1, every, decay, steps_per_epoch, start_epochs)
+  np.testing.assert_allclose(np.asarray(result["w"]), expected, rtol=1e-5)
+

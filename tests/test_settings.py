@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 from jax.sharding import AbstractMesh
 
-from configs import cifar, cifar100, default, imagenet_r34_r18, quickstart
+from configs import cifar, cifar100, cifar_fast, default, imagenet_r34_r18, quickstart
 from conftest import ROOT
 from kd_jax import settings
 from kd_jax.errors import UserInputError
@@ -23,11 +23,17 @@ _OPTIMIZER = {
     "nesterov": ["yes", 1],
     "weight_decay": [-1e-4, "5e-4"],
     "grad_clip_norm": [-1.0, None],
-    "schedule": ["cosin", "linear", None],
+    "schedule": ["cosin", "triangle", None],
     "warmup_epochs": [-1, 11, "1"],
+    "start_lr_fraction": [-0.1, 1.5],
     "end_lr_fraction": [-0.1, 1.5],
     "decay_epochs": [(-1,), (0,), (5.5,), (20, 10), "30"],
     "decay_factor": [0, 1.5, -0.1],
+    "norm_bias_lr_multiplier": [0, -1.0, "64"],
+    "lookahead_steps": [-1, 2.5, "5"],
+    "lookahead_decay": [0, 1.5, "0.95"],
+    "lookahead_start_epochs": [-1, "3"],
+    "whitening_bias_epochs": [-1, "3"],
 }
 _STAGE = {
     "model": ["resnet21", "", None, "no_such_package.models:make"],
@@ -60,6 +66,7 @@ BAD_VALUES = {
     "data.mean": ["0.5", (1.5, 0.5, 0.5), (-0.1,)],
     "data.std": [0.2, (0.2, 2.0, 0.2)],
     "teacher.checkpoint": [None, 1],
+    "teacher.label_smoothing": [-0.1, 1.0, "0.2"],
     "student.width_multiplier": [0, -0.5, "1"],
     "distill.method": ["contrastive", "", None],
     "distill.mode": ["onlin", "", None],
@@ -90,6 +97,7 @@ BAD_VALUES = {
     "checkpoint.allow_config_change": ["false", 0],
     "export.enabled": ["true", None],
     "eval.batch_size": [0, 6, "256"],
+    "eval.tta": ["mirror", "", None],
     "eval.latency_repeats": [0, 2.5],
     "eval.throughput_repeats": [0, -10],
     **{
@@ -139,6 +147,7 @@ def test_each_bad_value_is_refused_in_one_line_naming_it(key, value):
 RECIPES = {
     "default": default.get_config,
     "cifar": cifar.get_config,
+    "cifar_fast": cifar_fast.get_config,
     "quickstart": quickstart.get_config,
     **{
         f"imagenet_r34_r18:{method}": lambda method=method: imagenet_r34_r18.get_config(method)
@@ -178,6 +187,7 @@ def test_every_shipped_config_passes(name):
             "distill.mode='online'",
         ),
         ({"distill.method": "at", "distill.mode": "offline"}, "set distill.mode=online"),
+        ({"teacher.optimizer.norm_bias_lr_multiplier": 64.0}, "works with sgd only, not 'adam'"),
     ],
 )
 def test_settings_that_cannot_work_together_are_refused(overrides, message):

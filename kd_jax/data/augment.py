@@ -108,24 +108,36 @@ def view(
   return normalize(augmentation(step_key(seed, step), images_BxHxWxC), mean_C, std_C)
 
 
-def crop_flip_draws(key: jax.Array, batch: int) -> dict[str, jax.Array]:
-  """Per image: a crop offset in 0..2 * CROP_PADDING on each axis, and whether to flip."""
+# airbench's translation: up to 2 pixels, into a mirrored border.
+TRANSLATE_PADDING = 2
+
+
+def crop_flip_draws(
+    key: jax.Array, batch: int, padding: int = CROP_PADDING
+) -> dict[str, jax.Array]:
+  """Per image: a crop offset in 0..2 * padding on each axis, and whether to flip."""
   crop_key, flip_key = jax.random.split(key)
   return {
-      "offset_Bx2": jax.random.randint(crop_key, (batch, 2), 0, 2 * CROP_PADDING + 1),
+      "offset_Bx2": jax.random.randint(crop_key, (batch, 2), 0, 2 * padding + 1),
       "flip_B": jax.random.bernoulli(flip_key, 0.5, (batch,)),
   }
 
 
-def crop_flip(images_BxHxWxC: jax.Array, draws: dict[str, jax.Array]) -> jax.Array:
-  """Zero-pads by CROP_PADDING, crops back to size at the drawn offsets, flips the drawn images.
+def crop_flip(
+    images_BxHxWxC: jax.Array,
+    draws: dict[str, jax.Array],
+    padding: int = CROP_PADDING,
+    mode: str = "constant",
+) -> jax.Array:
+  """Pads by `padding`, crops back to size at the drawn offsets, flips the drawn images.
 
-  The standard CIFAR augmentation (PyTorch's RandomCrop(32, padding=4) followed
-  by RandomHorizontalFlip).
+  With zeros (`mode` "constant") and CROP_PADDING, the standard CIFAR augmentation
+  (PyTorch's RandomCrop(32, padding=4) followed by RandomHorizontalFlip); with
+  "reflect" and TRANSLATE_PADDING, airbench's translate-and-flip.
   """
   _, height, width, channels = images_BxHxWxC.shape
-  p = CROP_PADDING
-  padded = jnp.pad(images_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0)))
+  p = padding
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0)), mode=mode)
 
   def crop_one(image, offset_2, flip):
     crop = jax.lax.dynamic_slice(image, (offset_2[0], offset_2[1], 0), (height, width, channels))
@@ -226,6 +238,10 @@ AUGMENTATIONS = {
     "crop_flip": Augmentation(crop_flip_draws, crop_flip),
     "resized_crop_flip": Augmentation(
         resized_crop_draws, resized_crop_flip, resized_crop_flip_host
+    ),
+    "translate_flip": Augmentation(
+        functools.partial(crop_flip_draws, padding=TRANSLATE_PADDING),
+        functools.partial(crop_flip, padding=TRANSLATE_PADDING, mode="reflect"),
     ),
     "none": Augmentation(lambda key, batch: {}, lambda images, draws: images),
 }
