@@ -1,7 +1,11 @@
 """Shared test fixtures and helpers: a small quickstart run, random arrays, conv gradients."""
 
+import contextlib
+import fcntl
 import functools
+import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +28,9 @@ SMALL_OVERRIDES = {
     "export.enabled": False,
 }
 
-# Checkpoints every 5 steps, mid-epoch, give resumption something to prove; other
+# Checkpoints every 15 steps, mid-epoch, give resumption something to prove; other
 # runs save at epoch ends only, as each save costs more than the steps between.
-MID_EPOCH_SAVES = {"checkpoint.every_steps": 5}
+MID_EPOCH_SAVES = {"checkpoint.every_steps": 15}
 
 # Tests of kd_jax's native oneDNN convolution; without the built library (no C++ compiler)
 # kd_jax runs on XLA's convolutions and these are skipped, saying why.
@@ -56,15 +60,31 @@ def small_config_flags(**overrides) -> list[str]:
   ]
 
 
+def _session_folder(tmp_path_factory) -> pathlib.Path:
+  """A folder of this session that all its xdist workers share."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+@contextlib.contextmanager
+def _one_worker_at_a_time(lock_path: pathlib.Path):
+  """Holds an exclusive lock on `lock_path` (a file) while the block runs."""
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def shared_compilation_cache(tmp_path_factory):
-  """One JAX compilation cache for the session and the launch.py processes it starts.
+  """One JAX compilation cache for the session, its workers and the launch.py processes.
 
   Pipeline runs and launch.py processes build their jitted functions afresh,
   so the suite compiled the same small models dozens of times; with a
   persistent cache each is compiled once.
   """
-  cache = str(tmp_path_factory.mktemp("compilation_cache"))
+  cache = _session_folder(tmp_path_factory) / "compilation_cache"
+  cache.mkdir(exist_ok=True)
+  cache = str(cache)
   settings = {
       "jax_compilation_cache_dir": cache,
       "jax_persistent_cache_min_compile_time_secs": 0,
@@ -76,10 +96,19 @@ def shared_compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory):
-  """(workdir, report) of one uninterrupted small quickstart run, saved mid-epoch."""
-  workdir = str(tmp_path_factory.mktemp("quickstart"))
-  config = small_config(**MID_EPOCH_SAVES, **{"export.enabled": True})
-  return workdir, pipeline.train_and_evaluate(config, workdir)
+  """(workdir, report) of one uninterrupted small quickstart run, saved mid-epoch.
+
+  Made once per session: the first worker to need it runs it, the others read it.
+  Tests only read it.
+  """
+  session = _session_folder(tmp_path_factory)
+  workdir = session / "quickstart"
+  with _one_worker_at_a_time(session / "quickstart.lock"):
+    if not (workdir / "report.json").exists():
+      config = small_config(**MID_EPOCH_SAVES, **{"export.enabled": True})
+      pipeline.train_and_evaluate(config, str(workdir))
+  with open(workdir / "report.json") as f:
+    return str(workdir), json.load(f)
 
 
 def normal(shape, seed=0):
