@@ -220,32 +220,51 @@ def load(
   if num_classes is None:
     # Without a head in the file, any count does: `assign` then names the missing head.
     num_classes = tensors[head].shape[0] if head in tensors else 1
-  model = models.create_model(
-      model_name, num_classes=num_classes, in_channels=3, rngs=nnx.Rngs(seed)
+  model, _ = _model_with(
+      tensors, repr(path), model_name, num_classes=num_classes, in_channels=3, seed=seed
   )
-  assign(model, tensors, repr(path))
   return split_model(model_name, model)
+
+
+def _model_with(
+    tensors: Mapping[str, np.ndarray], source: str, model_name: str, *, seed: int, **shape
+) -> tuple[nnx.Module, bool]:
+  """(the model holding `tensors`, whether its head is for another class count).
+
+  Only a head for another class count needs an initialisation (from `seed`); else every
+  variable comes from the file, so the model is built as shapes alone and filled.
+  """
+
+  def build():
+    return models.create_model(model_name, rngs=nnx.Rngs(seed), **shape)
+
+  model = nnx.eval_shape(build)
+  if _match(model, {name: a.shape for name, a in tensors.items()}, source):
+    model = build()
+  return model, assign(model, tensors, source)
 
 
 def create_network(
     stage: str, stage_config, *, seed: int, num_classes: int, in_channels: int, compute_dtype: str
 ) -> tuple[Network, Variables]:
-  """A stage's network: `stage_config.model` initialised from `seed`, then from its weights file.
+  """A stage's network: `stage_config.model` from its weights file if it has one, else from `seed`.
 
   `stage_config.weights` (if set) is a torchvision state dict in a safetensors
-  file; a head for another class count keeps its fresh initialisation.
+  file; a head for another class count is initialised from `seed`.
   """
-  model = models.create_model(
-      stage_config.model,
+  shape = dict(
       num_classes=num_classes,
       in_channels=in_channels,
-      rngs=nnx.Rngs(seed),
       width_multiplier=stage_config.get("width_multiplier", 1.0),
   )
   path = stage_config.get("weights", "")
-  if path:
+  if not path:
+    model = models.create_model(stage_config.model, rngs=nnx.Rngs(seed), **shape)
+  else:
     source = f"{stage}.weights={path!r}"
-    if assign(model, read_state_dict(path, source), source):
+    tensors = read_state_dict(path, source)
+    model, fresh_head = _model_with(tensors, source, stage_config.model, seed=seed, **shape)
+    if fresh_head:
       logging.info(
           "%s: the classifier of %s is for another class count; it starts afresh for the "
           "%d classes of the data",
