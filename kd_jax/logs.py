@@ -16,11 +16,13 @@ class StageLog:
 
   def __init__(self, stage_dir: str):
     self._writes = jax.process_index() == 0
-    self._tensorboard = None
-    if not self._writes:
-      return
-    os.makedirs(stage_dir, exist_ok=True)
-    self._jsonl = open(os.path.join(stage_dir, "metrics.jsonl"), "a")
+    self._dir = stage_dir
+    self._jsonl = self._tensorboard = None
+
+  def _open(self) -> None:
+    """Opens the files at the first record: a finished stage's rerun leaves no empty ones."""
+    os.makedirs(self._dir, exist_ok=True)
+    self._jsonl = open(os.path.join(self._dir, "metrics.jsonl"), "a")
     try:
       # Imported here: it takes a while and only a run that logs needs it.
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -32,12 +34,14 @@ class StageLog:
           1,
       )
       return
-    self._tensorboard = SummaryWriter(os.path.join(stage_dir, "tensorboard"))
+    self._tensorboard = SummaryWriter(os.path.join(self._dir, "tensorboard"))
 
   def write(self, epoch: int, metrics: dict) -> None:
     """Records one epoch's metrics (flat dict of floats)."""
     if not self._writes:
       return
+    if self._jsonl is None:
+      self._open()
     self._jsonl.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
     self._jsonl.flush()
     if self._tensorboard:
@@ -47,7 +51,7 @@ class StageLog:
 
   def close(self) -> None:
     """Flushes and closes the files."""
-    if self._writes:
+    if self._jsonl:
       self._jsonl.close()
     if self._tensorboard:
       self._tensorboard.close()

@@ -188,9 +188,18 @@ def test_fitnet_objective_is_ce_plus_100_times_the_regressed_hint_mse():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,term", [("at", "at"), ("fitnet", "hint")])
-def test_feature_methods_distil_the_quickstart(method, term, quickstart_run, tmp_path):
+@pytest.mark.parametrize(
+    "method,term,extra",
+    [
+        ("at", "at", {}),
+        ("fitnet", "hint", {}),
+        # About as many negatives as the quickstart has training images: a cheap step.
+        ("crd", "crd", {"distill.crd_negatives": 1024}),
+    ],
+)
+def test_feature_methods_distil_the_quickstart(method, term, extra, quickstart_run, tmp_path):
   config = small_config(
+      **extra,
       **{
           "distill.method": method,
           "teacher.checkpoint": os.path.join(quickstart_run[0], "teacher"),  # trained already

@@ -119,12 +119,13 @@ def test_cifar_config_runs_on_tfds(tmp_path):
 
 
 def _trained_files(workdir: str) -> dict[str, tuple[int, int]]:
-  """(size, modification time) of each checkpoint and metrics file the stages wrote."""
+  """(size, modification time) of each checkpoint, metrics and TensorBoard file of the stages."""
   found = {}
   for stage in ("teacher", "student", "baseline"):
     paths = [os.path.join(workdir, stage, "metrics.jsonl")]
-    for folder, _, names in os.walk(os.path.join(workdir, stage, "checkpoints")):
-      paths += [os.path.join(folder, name) for name in names]
+    for kind in ("checkpoints", "tensorboard"):
+      for folder, _, names in os.walk(os.path.join(workdir, stage, kind)):
+        paths += [os.path.join(folder, name) for name in names]
     for path in paths:
       status = os.stat(path)
       found[os.path.relpath(path, workdir)] = (status.st_size, status.st_mtime_ns)
@@ -137,7 +138,8 @@ def test_rerun_restores_finished_stages_without_a_step(quickstart_run, tmp_path)
   shutil.copytree(reference, workdir)  # keeps the modification times
   before = _trained_files(workdir)
   again = pipeline.train_and_evaluate(small_config(), workdir)
-  # A step, an evaluation or a save would have written a checkpoint or a metrics line.
+  # A step, an evaluation or a save would have written a checkpoint or a metrics line, and
+  # an opened TensorBoard writer an event file.
   assert _trained_files(workdir) == before
   for name in ("teacher", "student", "baseline"):
     for key in ("top1", "top5", "best_top1", "best_epoch", "epochs"):

@@ -11,6 +11,7 @@ import os
 
 import cv2
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -157,8 +158,24 @@ def folder_config(root, teacher_model: str, weights: str, teacher_epochs: int):
 
 
 def save_torch_state_dict(model_name: str, num_classes: int, path) -> nnx.Module:
-  """Writes a kd_jax model's random weights as a torchvision state dict; returns the model."""
-  model = models.create_model(model_name, num_classes=num_classes, rngs=nnx.Rngs(3))
+  """Writes random weights of `model_name` as a torchvision state dict; returns the model.
+
+  NumPy draws them (He-scaled kernels, batch norms near the identity): the model's own
+  initialisation would compile a program per layer shape of a full-size network.
+  """
+  model = nnx.eval_shape(
+      lambda: models.create_model(model_name, num_classes=num_classes, rngs=nnx.Rngs(0))
+  )
+  rng = np.random.default_rng(3)
+  for name, (variable, _) in pretrained._targets(model)[0].items():
+    shape = tuple(variable.shape)
+    if len(shape) > 1:  # a kernel, its fan-in on every axis but the last
+      value = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))
+    elif name.endswith(("weight", "running_var")):  # a batch norm's scale or variance
+      value = rng.uniform(0.5, 1.5, shape)
+    else:  # a bias or a running mean
+      value = rng.uniform(-0.1, 0.1, shape)
+    variable.set_value(jnp.asarray(value, jnp.float32))
   safetensors.numpy.save_file(torch_state_dict(model), str(path))
   return model
 
