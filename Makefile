@@ -35,8 +35,9 @@ quickstart: setup
 	@echo "report: $(QUICKSTART_DIR)/report.md"
 
 # One worker per CPU core, each taking whole test files, so that a file's shared
-# runs (its module fixtures) are made once.
-PYTEST := $(BIN)/python -m pytest -n auto --dist loadfile
+# runs (its module fixtures) are made once. Compiled programs are kept in .cache/jax
+# between runs: a repeated run compiles only what changed.
+PYTEST := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax $(BIN)/python -m pytest -n auto --dist loadfile
 
 test: setup
 	$(PYTEST)

@@ -80,11 +80,14 @@ def shared_compilation_cache(tmp_path_factory):
 
   Pipeline runs and launch.py processes build their jitted functions afresh,
   so the suite compiled the same small models dozens of times; with a
-  persistent cache each is compiled once.
+  persistent cache each is compiled once. A JAX_COMPILATION_CACHE_DIR set
+  beforehand (`make test-fast` sets one) keeps the programs for the next run too.
   """
-  cache = _session_folder(tmp_path_factory) / "compilation_cache"
-  cache.mkdir(exist_ok=True)
-  cache = str(cache)
+  cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if not cache:
+    cache = _session_folder(tmp_path_factory) / "compilation_cache"
+    cache.mkdir(exist_ok=True)
+    cache = str(cache)
   settings = {
       "jax_compilation_cache_dir": cache,
       "jax_persistent_cache_min_compile_time_secs": 0,
