@@ -146,8 +146,9 @@ def _nesterov_reference(grads_list, params, lr, momentum, decay, multiplier_of):
   return params
 
 
-def test_whitening_bias_stops_after_its_epochs_as_if_left_out_of_the_optimiser():
-  config = default.optimizer_config(
+def _nesterov_sgd(**extra):
+  """Nesterov SGD at a constant 0.1, momentum 0.85, weight decay 0.01, and `extra`."""
+  return default.optimizer_config(
       name="sgd",
       learning_rate=0.1,
       momentum=0.85,
@@ -155,14 +156,23 @@ def test_whitening_bias_stops_after_its_epochs_as_if_left_out_of_the_optimiser()
       weight_decay=0.01,
       grad_clip_norm=0.0,
       schedule="constant",
-      whitening_bias_epochs=1.0,
+      **extra,
   )
-  params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.3, -0.1, 0.2])}
-  rng = np.random.default_rng(2)
-  grads_list = [
+
+
+def _random_grads(params, steps, seed):
+  """`steps` random gradients shaped as `params`."""
+  rng = np.random.default_rng(seed)
+  return [
       {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
-      for _ in range(6)
+      for _ in range(steps)
   ]
+
+
+def test_whitening_bias_stops_after_its_epochs_as_if_left_out_of_the_optimiser():
+  config = _nesterov_sgd(whitening_bias_epochs=1.0)
+  params = {"kernel": jnp.array([1.0, -2.0]), "bias": jnp.array([0.3, -0.1, 0.2])}
+  grads_list = _random_grads(params, 6, seed=2)
   optimizer = optim.make_optimizer(config, 2, 3, 64, None, {"kernel": False, "bias": True})
   result = _run(optimizer, params, grads_list)
   multipliers = {"kernel": 1, "bias": 1}
@@ -181,23 +191,10 @@ def _run(optimizer, params, grads_list):
 
 
 def test_nesterov_sgd_with_faster_norm_biases_matches_an_independent_update():
-  config = default.optimizer_config(
-      name="sgd",
-      learning_rate=0.1,
-      momentum=0.85,
-      nesterov=True,
-      weight_decay=0.01,
-      grad_clip_norm=0.0,
-      schedule="constant",
-      norm_bias_lr_multiplier=64.0,
-  )
+  config = _nesterov_sgd(norm_bias_lr_multiplier=64.0)
   params = {"kernel": jnp.array([1.0, -2.0, 0.5]), "bias": jnp.array([0.3, -0.1])}
   norm_biases = {"kernel": False, "bias": True}
-  rng = np.random.default_rng(0)
-  grads_list = [
-      {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
-      for _ in range(4)
-  ]
+  grads_list = _random_grads(params, 4, seed=0)
   optimizer = optim.make_optimizer(config, 1, 4, 64, norm_biases)
   result = _run(optimizer, params, grads_list)
   expected = _nesterov_reference(grads_list, params, 0.1, 0.85, 0.01, {"kernel": 1, "bias": 64})
