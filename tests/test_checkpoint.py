@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import MID_EPOCH_SAVES, ROOT, small_config, small_config_flags
+from conftest import MID_EPOCH_SAVES, ROOT, env_with_devices, small_config, small_config_flags
 from kd_jax import checkpoint, pipeline, train
 from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
 from kd_jax.network import create_network
@@ -254,11 +254,7 @@ def test_restores_onto_four_devices(quickstart_run, tmp_path):
   result = subprocess.run(
       [sys.executable, "-c", script, workdir],
       cwd=os.path.join(ROOT, "tests"),
-      env={
-          **os.environ,
-          "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-          "PYTHONPATH": ROOT,
-      },
+      env={**env_with_devices(4), "PYTHONPATH": ROOT},
       capture_output=True,
       text=True,
       timeout=300,

@@ -12,13 +12,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import ROOT, small_config, small_config_flags
+from conftest import ROOT, env_with_devices, small_config, small_config_flags
 from kd_jax import data, parallel, pipeline
 from kd_jax.data import streaming
 
 pytestmark = pytest.mark.slow  # multi-device and multi-process runs
 
-FOUR_DEVICES = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+FOUR_DEVICES = env_with_devices(4)
 ONE_EPOCH = {"teacher.epochs": 1, "student.epochs": 1, "baseline.enabled": False}
 
 
@@ -227,7 +227,7 @@ def _run_as_two_hosts(workdir, flags: list[str]) -> list[str]:
               f"--process_id={index}",
           ],
           cwd=ROOT,
-          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+          env=env_with_devices(2),
           stdout=subprocess.DEVNULL,
           stderr=log_files[index],
       )
