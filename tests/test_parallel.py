@@ -58,33 +58,57 @@ def _assert_same_training(one, four, stage):
     assert b["param_norm"] == pytest.approx(a["param_norm"], rel=1e-4), (stage, "param_norm")
     assert b["accuracy"] == pytest.approx(a["accuracy"], abs=5 / 1408), stage  # of 22 x 64
     # A one-epoch model's test predictions amplify those last-bit differences;
-    # the same weights give the same accuracy on 4 devices (test_checkpoint).
+    # the same weights give the same accuracy on 4 devices (restored from them, below).
     assert b["test_top1"] == pytest.approx(a["test_top1"], abs=0.03), stage
 
 
 @pytest.fixture(scope="module")
-def four_device_run(tmp_path_factory):
-  """(workdir, log) of the small config, one epoch a stage, on one process with 4 devices."""
+def digits_tree(tmp_path_factory):
+  """The digits as an image-folder tree (RGB PNG files), for runs that read or stream a tree."""
+  tree = tmp_path_factory.mktemp("digits_tree")
+  digits = data.load_dataset(ml_collections.ConfigDict({"source": "digits"}))
+  for split, images, labels in (
+      ("train", digits.train_images, digits.train_labels),
+      ("test", digits.test_images, digits.test_labels),
+  ):
+    for index, (image, label) in enumerate(zip(images, labels)):
+      os.makedirs(tree / split / str(label), exist_ok=True)
+      cv2.imwrite(str(tree / split / str(label) / f"{index:04d}.png"), np.repeat(image, 3, -1))
+  return tree
+
+
+def _tree(tree, in_memory: bool) -> dict:
+  return {"data.source": "folder", "data.dir": str(tree), "data.in_memory": str(in_memory).lower()}
+
+
+@pytest.fixture(scope="module")
+def four_device_run(tmp_path_factory, digits_tree):
+  """(workdir, log) of the small config on the digits tree, one epoch a stage, on 4 devices."""
   workdir = tmp_path_factory.mktemp("four_devices")
-  return workdir, _run_on_four_devices(workdir, **ONE_EPOCH)
+  return workdir, _run_on_four_devices(workdir, **ONE_EPOCH, **_tree(digits_tree, True))
 
 
-def test_four_devices_train_as_one(four_device_run, tmp_path):
-  one = str(tmp_path / "one")
-  pipeline.train_and_evaluate(small_config(**ONE_EPOCH), one)
+def _report(workdir) -> dict:
+  with open(os.path.join(workdir, "report.json")) as f:
+    return json.load(f)
 
+
+def test_four_devices_train_as_one(four_device_run, digits_tree, tmp_path):
   four, log = four_device_run
   assert "devices: 4 x cpu" in log and "per device 16" in log
   assert "teacher: convolutions: XLA" in log  # oneDNN's calls do not split over devices
-  _assert_same_training(one, four, "teacher")
+  assert _report(four)["student"]["devices"] == 4
+  teacher_only = small_config(**{**ONE_EPOCH, **_tree(digits_tree, True), "student.epochs": 0})
+  pipeline.train_and_evaluate(teacher_only, str(tmp_path / "one"))
+  _assert_same_training(tmp_path / "one", four, "teacher")
 
-  # The student against the very same teacher, so that only the sharding differs.
-  _run_on_four_devices(
-      tmp_path / "four_student", **ONE_EPOCH, **{"teacher.checkpoint": f"{one}/teacher"}
-  )
-  _assert_same_training(one, tmp_path / "four_student", "student")
-  with open(tmp_path / "four_student" / "report.json") as f:
-    assert json.load(f)["student"]["devices"] == 4
+  # The student against the very same teacher, so that only the sharding differs: the
+  # four devices' checkpoint, restored onto one, evaluates as it did there.
+  one = small_config(**ONE_EPOCH, **_tree(digits_tree, True))
+  one.teacher.checkpoint = os.path.join(four, "teacher")
+  report = pipeline.train_and_evaluate(one, str(tmp_path / "one_student"))
+  assert report["teacher"]["top1"] == _report(four)["teacher"]["top1"]
+  _assert_same_training(tmp_path / "one_student", four, "student")
 
 
 # Two distillation steps of a tiny student and teacher for each method given as an argument,
@@ -252,32 +276,29 @@ def _run_as_two_hosts(workdir, flags: list[str]) -> list[str]:
   return logs
 
 
-def test_two_hosts_train_as_one_host(four_device_run, tmp_path):
-  # Two processes with 2 CPU devices each, as two hosts. The student learns
-  # from the 4-device run's teacher (training amplifies the last-bit
-  # differences of another summation order), through the offline cache of
-  # consistent views, which trains as online distillation does: so the
-  # teacher's pass over the data, process 0 writing the cache and the others
-  # reading it are covered too.
+def test_two_hosts_train_as_one_host(four_device_run, digits_tree, tmp_path):
+  # Two processes with 2 CPU devices each, as two hosts, each decoding its half of
+  # the tree. The student learns from the 4-device run's teacher (training amplifies
+  # the last-bit differences of another summation order), through the offline cache
+  # of consistent views, which trains as online distillation does: so the teacher's
+  # pass over the data, process 0 writing the cache and the other reading it are
+  # covered too.
   four, _ = four_device_run
   overrides = {
       **ONE_EPOCH,
+      **_tree(digits_tree, True),
       "teacher.checkpoint": os.path.join(four, "teacher"),
       "distill.mode": "offline",
       "distill.cache": "consistent",
       "distill.cache_dtype": "float32",
   }
   logs = _run_as_two_hosts(tmp_path, small_config_flags(**overrides))
-  # Each process decoded only its half of the data.
   assert "process 0 holds 718 training and 180 test examples" in logs[0]
   assert "process 1 holds 719 training and 180 test examples" in logs[1]
   assert "devices: 4 x cpu" in logs[1]
 
   _assert_same_training(four, tmp_path, "student")
-  with open(os.path.join(four, "report.json")) as f:
-    expected = json.load(f)
-  with open(tmp_path / "report.json") as f:
-    report = json.load(f)
+  expected, report = _report(four), _report(tmp_path)
   assert report["dataset"] == expected["dataset"]
   assert report["teacher"]["top1"] == expected["teacher"]["top1"]
   for key in ("top1", "top5"):  # the same tolerance as _assert_same_training's, for its reason
@@ -285,32 +306,28 @@ def test_two_hosts_train_as_one_host(four_device_run, tmp_path):
   assert report["teacher_logits"]["kind"] == "consistent"
 
 
-def test_two_hosts_stream_their_own_shares(tmp_path):
-  # The digits as an image-folder tree, streamed by two hosts: each reads only
-  # its half, and the normalisation statistics over both halves are those of
-  # the whole tree.
-  tree = tmp_path / "tree"
-  digits = data.load_dataset(ml_collections.ConfigDict({"source": "digits"}))
-  for split, images, labels in (
-      ("train", digits.train_images, digits.train_labels),
-      ("test", digits.test_images, digits.test_labels),
-  ):
-    for index, (image, label) in enumerate(zip(images, labels)):
-      os.makedirs(tree / split / str(label), exist_ok=True)
-      cv2.imwrite(str(tree / split / str(label) / f"{index:04d}.png"), np.repeat(image, 3, -1))
-  streamed = {"data.source": "folder", "data.dir": str(tree), "data.in_memory": "false"}
-  workdir = tmp_path / "work"
-  os.makedirs(workdir)
-  logs = _run_as_two_hosts(workdir, small_config_flags(**ONE_EPOCH, **streamed))
+def test_two_hosts_stream_their_own_halves(four_device_run, digits_tree, tmp_path):
+  # The tree streamed by two hosts, each reading only its half and shuffling it
+  # (so the order differs from one host's), from the 4-device run's teacher: the
+  # normalisation statistics over both halves are those of the whole tree.
+  four, _ = four_device_run
+  overrides = {**ONE_EPOCH, **_tree(digits_tree, False)}
+  overrides["teacher.checkpoint"] = os.path.join(four, "teacher")
+  logs = _run_as_two_hosts(tmp_path, small_config_flags(**overrides))
   assert "process 0 streams 718 training and 180 test examples" in logs[0]
   assert "process 1 streams 719 training and 180 test examples" in logs[1]
-  with open(workdir / "report.json") as f:
-    report = json.load(f)
-  assert report["dataset"]["num_train"] == 1437 and report["dataset"]["num_test"] == 360
-  assert 0.0 < report["student"]["top1"] <= 1.0
-  with open(workdir / "dataset.json") as f:
+  report = _report(tmp_path)
+  assert report["dataset"] == _report(four)["dataset"]
+  assert report["teacher"]["top1"] == _report(four)["teacher"]["top1"]
+  # Another order of the same examples: the epoch ends near the 4-device run's.
+  streamed, expected = _metrics(tmp_path, "student")[0], _metrics(four, "student")[0]
+  assert streamed["loss"] == pytest.approx(expected["loss"], rel=0.02)
+  assert streamed["accuracy"] == pytest.approx(expected["accuracy"], abs=0.05)
+  with open(tmp_path / "dataset.json") as f:
     stats = json.load(f)
-  config = ml_collections.ConfigDict({"source": "folder", "dir": str(tree), "augment": "none"})
+  config = ml_collections.ConfigDict(
+      {"source": "folder", "dir": str(digits_tree), "augment": "none"}
+  )
   whole = streaming.StreamedData(data.open_dataset(config), parallel.make_mesh(), config)
   assert stats["mean"] == [float(m) for m in whole.mean_C]
   assert stats["std"] == [float(s) for s in whole.std_C]

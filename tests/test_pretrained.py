@@ -182,14 +182,14 @@ def save_torch_state_dict(model_name: str, num_classes: int, path) -> nnx.Module
 
 @pytest.mark.slow
 def test_pretrained_teacher_as_is(image_folder, tmp_path):
-  weights = tmp_path / "mobilenet_v2.safetensors"
-  source = save_torch_state_dict("mobilenet_v2", 3, weights)
+  weights = tmp_path / "resnet18.safetensors"
+  source = save_torch_state_dict("resnet18", 3, weights)
   workdir = tmp_path / "run"
   report = pipeline.train_and_evaluate(
-      folder_config(image_folder, "mobilenet_v2", str(weights), 0), str(workdir)
+      folder_config(image_folder, "resnet18", str(weights), 0), str(workdir)
   )
   # load() gives back the file's model (3 classes, from the file)...
-  net, variables = pretrained.load("mobilenet_v2", str(weights))
+  net, variables = pretrained.load("resnet18", str(weights))
   for ours, theirs in zip(
       jax.tree.leaves((variables.params, variables.batch_stats)),
       jax.tree.leaves(nnx.state(source, nnx.Param, nnx.BatchStat)),
@@ -217,9 +217,9 @@ def test_pretrained_teacher_as_is(image_folder, tmp_path):
 
 @pytest.mark.slow
 def test_pretrained_teacher_with_another_head_is_fine_tuned(image_folder, tmp_path):
-  weights = tmp_path / "mobilenet_v2.safetensors"
-  source = save_torch_state_dict("mobilenet_v2", 7, weights)  # 7 classes; the data has 3
-  config = folder_config(image_folder, "mobilenet_v2", str(weights), 0)
+  weights = tmp_path / "resnet18.safetensors"
+  source = save_torch_state_dict("resnet18", 7, weights)  # 7 classes; the data has 3
+  config = folder_config(image_folder, "resnet18", str(weights), 0)
   with pytest.raises(UserInputError, match="set teacher.epochs above 0"):
     pipeline.train_and_evaluate(config, str(tmp_path / "refused"))
   assert not (tmp_path / "refused" / "teacher").exists()
@@ -237,4 +237,4 @@ def test_pretrained_teacher_with_another_head_is_fine_tuned(image_folder, tmp_pa
   np.testing.assert_allclose(
       trained.params["stem_conv"]["kernel"][...], source.stem_conv.kernel[...], atol=1e-4
   )
-  assert trained.params["fc"]["kernel"][...].shape == (1280, 3)
+  assert trained.params["fc"]["kernel"][...].shape == (512, 3)
