@@ -156,6 +156,8 @@ def remember(memory_NxD: jax.Array, index_B: jax.Array, embeddings_BxD: jax.Arra
   embeddings_BxD = jax.lax.stop_gradient(embeddings_BxD)
   mixed_BxD = CRD_MOMENTUM * memory_NxD[index_B] + (1 - CRD_MOMENTUM) * embeddings_BxD
   return memory_NxD.at[index_B].set(l2_normalize(mixed_BxD))
+
+
 # ReviewKD's code caps the fusion's width at 512 channels.
 REVIEWKD_MAX_MID_CHANNELS = 512
 

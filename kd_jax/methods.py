@@ -292,6 +292,8 @@ def crd_negatives(seed: int, step: jax.Array, shape: tuple[int, int], num_train:
   """
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), 1)
   return jax.random.randint(key, shape, 0, num_train, dtype=jnp.int32)
+
+
 def _reviewkd_pairs(student_shapes: Features, teacher_shapes: Features):
   """(student names, teacher names) that ReviewKD pairs: stages from the deepest, then "pooled".
 

@@ -358,6 +358,8 @@ def test_crd_refuses_a_model_without_pooled_features():
   student, teacher = _abstract_network("resnet8"), split_model("mine", _NoPooledFeatures())
   with pytest.raises(UserInputError, match="'pooled' feature, which the teacher gives none of"):
     _feature_method("crd", student, teacher, (8, 8, 3))
+
+
 def _train_batch_norm(y, bn):
   """Batch norm in training mode: the batch's statistics, PyTorch's epsilon, `bn`'s scale, bias."""
   normalized = (y - y.mean((0, 1, 2))) / np.sqrt(y.var((0, 1, 2)) + 1e-5)

@@ -311,8 +311,11 @@ def test_two_hosts_stream_their_own_halves(four_device_run, digits_tree, tmp_pat
   # (so the order differs from one host's), from the 4-device run's teacher: the
   # normalisation statistics over both halves are those of the whole tree.
   four, _ = four_device_run
-  overrides = {**ONE_EPOCH, **_tree(digits_tree, False)}
-  overrides["teacher.checkpoint"] = os.path.join(four, "teacher")
+  overrides = {
+      **ONE_EPOCH,
+      **_tree(digits_tree, False),
+      "teacher.checkpoint": os.path.join(four, "teacher"),
+  }
   logs = _run_as_two_hosts(tmp_path, small_config_flags(**overrides))
   assert "process 0 streams 718 training and 180 test examples" in logs[0]
   assert "process 1 streams 719 training and 180 test examples" in logs[1]
