@@ -7,9 +7,10 @@ KD: T 1, CE 0.5 + KD 0.5, SGD momentum 0.9, lr 0.2 at batch 512 (scaled
 linearly with the global batch), 100 epochs, x0.1 at 30/60/90, weight decay
 1e-4 (published: KD 71.03-71.37 top-1; DKD 71.70). DKD: CE 1, alpha 1,
 beta 0.5, T 1, a 1-epoch warm-up (mdistiller's imagenet/r34_r18 DKD config).
-Pre-trained teachers cannot be downloaded here, so the teacher trains first
-with torchvision's ResNet recipe (lr 0.1 at batch 256, 90 epochs, x0.1 at
-30/60). TFDS's imagenet2012 needs the ImageNet tar files placed by hand in
+The teacher trains first with torchvision's ResNet recipe (lr 0.1 at batch
+256, 90 epochs, x0.1 at 30/60); torchvision's pretrained ResNet-34 saved as
+safetensors (docs/own_models.md) is used as it is with
+--config.teacher.weights=FILE --config.teacher.epochs=0. TFDS's imagenet2012 needs the ImageNet tar files placed by hand in
 its manual download folder; an image folder works too (data.source=folder).
 Data: streamed (data.in_memory auto: 1.28M images decoded at 224 x 224 take
 about 190 GB), which needs TFDS's imagenet2012 prepared as ArrayRecord

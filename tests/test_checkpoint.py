@@ -14,14 +14,19 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import MID_EPOCH_SAVES, ROOT, small_config, small_config_flags
+from conftest import MID_EPOCH_SAVES, ROOT, SMALL_OVERRIDES, small_config, small_config_flags
 from kd_jax import checkpoint, pipeline, train
 from kd_jax.errors import Interrupted, TrainingDiverged, UserInputError
 from kd_jax.network import create_network
 
 pytestmark = pytest.mark.slow  # full pipeline runs, killed and resumed launch.py processes
 
-STAGES = ("teacher", "student", "baseline")
+# Each stage's model, as the small config builds it.
+STAGE_MODELS = {
+    "teacher": ("resnet8", {}),
+    "student": ("dsconv_student", {"width_multiplier": 0.5}),
+    "baseline": ("dsconv_student", {"width_multiplier": 0.5}),
+}
 
 
 def _steps(workdir: str, stage: str) -> list[int]:
@@ -41,17 +46,14 @@ def _final_variables(workdir: str, stage: str, model: str, **kwargs):
   return jax.device_get(variables)
 
 
-def _assert_same_run(workdir: str, reference: str, reference_report: dict):
+def _assert_same_run(workdir: str, reference: str, reference_report: dict, stages=STAGE_MODELS):
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
-  for stage in STAGES:
+  for stage in stages:
     for key in ("top1", "top5", "best_top1", "best_epoch", "epochs"):
       assert report[stage][key] == reference_report[stage][key], (stage, key)
-  for stage, model, kwargs in (
-      ("teacher", "resnet8", {}),
-      ("student", "dsconv_student", {"width_multiplier": 0.5}),
-      ("baseline", "dsconv_student", {"width_multiplier": 0.5}),
-  ):
+  for stage in stages:
+    model, kwargs = STAGE_MODELS[stage]
     same = jax.tree.map(
         np.array_equal,
         _final_variables(workdir, stage, model, **kwargs),
@@ -60,9 +62,13 @@ def _assert_same_run(workdir: str, reference: str, reference_report: dict):
     assert all(jax.tree.leaves(same)), stage
 
 
+# The killed runs train no baseline: its stage resumes as the student's does.
+KILLED_RUN_FLAGS = small_config_flags(**MID_EPOCH_SAVES, **{"baseline.enabled": False})
+
+
 def _start(workdir: str) -> subprocess.Popen:
   return subprocess.Popen(
-      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags(**MID_EPOCH_SAVES)],
+      [sys.executable, "launch.py", f"--workdir={workdir}", *KILLED_RUN_FLAGS],
       cwd=ROOT,
       stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE,
@@ -82,9 +88,9 @@ def test_killed_and_preempted_run_ends_bit_identical(quickstart_run, tmp_path):
   reference, reference_report = quickstart_run
   workdir = str(tmp_path / "work")
 
-  # SIGKILL inside the teacher stage, right after its second save.
+  # SIGKILL inside the teacher stage, right after its first save.
   process = _start(workdir)
-  _wait_for(lambda: len(_steps(workdir, "teacher")) >= 2, process)
+  _wait_for(lambda: _steps(workdir, "teacher"), process)
   process.kill()
   process.wait()
 
@@ -101,18 +107,18 @@ def test_killed_and_preempted_run_ends_bit_identical(quickstart_run, tmp_path):
   assert _steps(workdir, "student")
 
   finished = subprocess.run(
-      [sys.executable, "launch.py", f"--workdir={workdir}", *small_config_flags(**MID_EPOCH_SAVES)],
+      [sys.executable, "launch.py", f"--workdir={workdir}", *KILLED_RUN_FLAGS],
       cwd=ROOT,
       capture_output=True,
       text=True,
       timeout=600,
   )
   assert finished.returncode == 0, finished.stderr[-2000:]
-  _assert_same_run(workdir, reference, reference_report)
+  _assert_same_run(workdir, reference, reference_report, stages=("teacher", "student"))
 
 
 def _copy_with_teacher_only(reference: str, workdir):
-  """A copy of a finished workdir whose teacher stays finished; the student and baseline start over."""
+  """A copy of a finished workdir whose teacher stays finished; student and baseline start over."""
   shutil.copytree(reference, workdir)
   for stage in ("student", "baseline"):
     shutil.rmtree(workdir / stage)
@@ -237,6 +243,7 @@ def test_a_workdir_of_another_config_is_refused(quickstart_run, tmp_path):
   changed = small_config(**{"student.model": "resnet8", "student.width_multiplier": 1.0})
   with pytest.raises(UserInputError, match=r"student\.model \('dsconv_student' -> 'resnet8'\)"):
     pipeline.train_and_evaluate(changed, workdir)
-  more_epochs = small_config(**{"student.epochs": 9, "checkpoint.allow_config_change": True})
+  epochs = SMALL_OVERRIDES["student.epochs"] + 1
+  more_epochs = small_config(**{"student.epochs": epochs, "checkpoint.allow_config_change": True})
   report = pipeline.train_and_evaluate(more_epochs, workdir)
-  assert report["student"]["epochs"] == 9
+  assert report["student"]["epochs"] == epochs

