@@ -35,9 +35,11 @@ quickstart: setup
 	@echo "report: $(QUICKSTART_DIR)/report.md"
 
 # One worker per CPU core, each taking whole test files, so that a file's shared
-# runs (its module fixtures) are made once. Compiled programs are kept in .cache/jax
-# between runs: a repeated run compiles only what changed.
-PYTEST := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax $(BIN)/python -m pytest -n auto --dist loadfile
+# runs (its module fixtures) are made once, in the order tests/conftest.py gives them:
+# the longest first. Compiled programs are kept in .cache/jax between runs: a
+# repeated run compiles only what changed.
+PYTEST := JAX_COMPILATION_CACHE_DIR=$(CURDIR)/.cache/jax $(BIN)/python -m pytest -n auto \
+	--dist loadfile --no-loadscope-reorder
 
 test: setup
 	$(PYTEST)

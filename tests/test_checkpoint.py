@@ -126,18 +126,39 @@ def _copy_with_teacher_only(reference: str, workdir):
   return workdir
 
 
-def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_evaluation(
-    quickstart_run, tmp_path, monkeypatch
+def _with_train_step(monkeypatch, wrap):
+  """Makes every train step `wrap(train_step)` until monkeypatch.undo()."""
+  make_train_step = train.make_train_step
+  monkeypatch.setattr(train, "make_train_step", lambda *a, **k: wrap(make_train_step(*a, **k)))
+
+
+def test_an_error_then_a_stop_at_an_epoch_end_leave_checkpoints_the_reruns_resume_from(
+    quickstart_run, tmp_path, monkeypatch, caplog
 ):
   reference, reference_report = quickstart_run
   workdir = _copy_with_teacher_only(reference, tmp_path / "work")
-  config = small_config()
+  config = small_config(**MID_EPOCH_SAVES)
+  saved = config.checkpoint.every_steps
   steps_per_epoch = reference_report["dataset"]["num_train"] // config.student.batch_size
-  make_train_step = train.make_train_step
 
-  def stopped_at_the_first_epoch_end(*args, **kwargs):
-    train_step = make_train_step(*args, **kwargs)
+  def failing_right_after_a_save(train_step):
+    def step(state, batch, teacher_variables):
+      if int(state.step) == saved:  # the checkpoint of this step is being written
+        raise RuntimeError("out of host memory")
+      return train_step(state, batch, teacher_variables)
 
+    return step
+
+  _with_train_step(monkeypatch, failing_right_after_a_save)
+  with pytest.raises(RuntimeError, match="out of host memory"):
+    pipeline.train_and_evaluate(config, str(workdir))
+  # The pending save finished before the error left the stage: whole, nothing temporary.
+  assert _steps(str(workdir), "student") == [saved]
+  assert not [n for n in os.listdir(workdir / "student" / "checkpoints") if "tmp" in n]
+  monkeypatch.undo()
+
+  # Stopped at the epoch's last step: that step's checkpoint keeps the epoch's evaluation.
+  def stopped_at_the_first_epoch_end(train_step):
     def step(state, batch, teacher_variables):
       state, metrics = train_step(state, batch, teacher_variables)
       if int(state.step) == steps_per_epoch:
@@ -146,46 +167,16 @@ def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_evaluation(
 
     return step
 
-  monkeypatch.setattr(train, "make_train_step", stopped_at_the_first_epoch_end)
+  caplog.set_level(logging.INFO, logger="absl")
+  _with_train_step(monkeypatch, stopped_at_the_first_epoch_end)
   with pytest.raises(Interrupted, match="stopped by signal"):
     pipeline.train_and_evaluate(config, str(workdir))
+  assert f"student: resuming at step {saved}" in caplog.text
   assert _steps(str(workdir), "student")[-1] == steps_per_epoch
   monkeypatch.undo()
 
   pipeline.train_and_evaluate(config, str(workdir))
-  _assert_same_run(str(workdir), reference, reference_report)
-
-
-def test_an_error_in_a_step_leaves_whole_checkpoints_and_the_rerun_resumes(
-    quickstart_run, tmp_path, monkeypatch, caplog
-):
-  reference, reference_report = quickstart_run
-  workdir = _copy_with_teacher_only(reference, tmp_path / "work")
-  config = small_config(**MID_EPOCH_SAVES)
-  saved = config.checkpoint.every_steps
-  make_train_step = train.make_train_step
-
-  def failing_right_after_a_save(*args, **kwargs):
-    train_step = make_train_step(*args, **kwargs)
-
-    def step(state, batch, teacher_variables):
-      if int(state.step) == saved:  # the checkpoint of this step is being written
-        raise RuntimeError("out of host memory")
-      return train_step(state, batch, teacher_variables)
-
-    return step
-
-  monkeypatch.setattr(train, "make_train_step", failing_right_after_a_save)
-  with pytest.raises(RuntimeError, match="out of host memory"):
-    pipeline.train_and_evaluate(config, str(workdir))
-  # The pending save finished before the error left the stage: whole, nothing temporary.
-  assert _steps(str(workdir), "student") == [saved]
-  assert not [n for n in os.listdir(workdir / "student" / "checkpoints") if "tmp" in n]
-  monkeypatch.undo()
-
-  caplog.set_level(logging.INFO, logger="absl")
-  pipeline.train_and_evaluate(config, str(workdir))
-  assert f"student: resuming at step {saved}" in caplog.text
+  assert f"student: resuming at step {steps_per_epoch}" in caplog.text
   _assert_same_run(str(workdir), reference, reference_report)
 
 
@@ -212,27 +203,27 @@ def test_damaged_and_half_written_checkpoints_are_not_used(quickstart_run, tmp_p
   _assert_same_run(workdir, reference, reference_report)
 
 
-def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path):
-  good = small_config(**{"teacher.epochs": 1, "baseline.enabled": False, "student.epochs": 1})
-  good.teacher.optimizer.update(name="sgd", learning_rate=0.01)
-  pipeline.train_and_evaluate(good, str(tmp_path))
-  last_good = _steps(str(tmp_path), "teacher")[-1]
-  with open(tmp_path / "teacher" / "metrics.jsonl") as f:
+def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(quickstart_run, tmp_path):
+  workdir = tmp_path / "work"
+  shutil.copytree(quickstart_run[0], workdir)
+  last_good = _steps(str(workdir), "teacher")[-1]
+  with open(workdir / "teacher" / "metrics.jsonl") as f:
     lines_before = f.read()
 
   # One more epoch at a learning rate no run survives: the weights overflow.
-  more = small_config(**{"teacher.epochs": 2, "checkpoint.allow_config_change": True})
-  more.teacher.optimizer.update(name="sgd", learning_rate=1e30)
+  epochs = SMALL_OVERRIDES["teacher.epochs"] + 1
+  more = small_config(**{"teacher.epochs": epochs, "checkpoint.allow_config_change": True})
+  more.teacher.optimizer.learning_rate = 1e30
   with pytest.raises(
       TrainingDiverged, match=r"teacher: (loss|param_norm) is (nan|inf) at step \d+"
   ) as error:
-    pipeline.train_and_evaluate(more, str(tmp_path))
+    pipeline.train_and_evaluate(more, str(workdir))
   assert f"teacher/checkpoints/{last_good};" in str(error.value)
-  assert _steps(str(tmp_path), "teacher")[-1] == last_good
-  with open(tmp_path / "teacher" / "metrics.jsonl") as f:
+  assert _steps(str(workdir), "teacher")[-1] == last_good
+  with open(workdir / "teacher" / "metrics.jsonl") as f:
     assert f.read() == lines_before
   _, template = create_network("resnet8", num_classes=10, in_channels=1, seed=0)
-  variables, _ = checkpoint.restore_variables(str(tmp_path / "teacher"), template, lambda m: None)
+  variables, _ = checkpoint.restore_variables(str(workdir / "teacher"), template, lambda m: None)
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(jax.device_get(variables)))
 
 
