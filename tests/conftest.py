@@ -1,4 +1,5 @@
-"""Shared test fixtures and helpers: a small quickstart run, random arrays, conv gradients."""
+"""Shared test fixtures and helpers: a small quickstart run, random arrays, conv gradients,
+torchvision weights files."""
 
 import contextlib
 import fcntl
@@ -11,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
+from flax import nnx
 
 from configs import quickstart
-from kd_jax import native, pipeline
+from kd_jax import models, native, pipeline, pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -150,6 +153,39 @@ def env_with_devices(count: int) -> dict[str, str]:
   """os.environ for a process that sees `count` CPU devices."""
   flags = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={count}"
   return {**os.environ, "XLA_FLAGS": flags}
+
+
+def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
+  """`model`'s variables under torchvision's names and layouts (the inverse of loading)."""
+  targets, _ = pretrained._targets(model)
+  return {
+      # Contiguous: safetensors writes an array's buffer in memory order.
+      name: np.ascontiguousarray(np.transpose(v[...], np.argsort(axes) if axes else None))
+      for name, (v, axes) in targets.items()
+  }
+
+
+def save_torch_state_dict(model_name: str, num_classes: int, path) -> nnx.Module:
+  """Writes random weights of `model_name` as a torchvision state dict; returns the model.
+
+  NumPy draws them (He-scaled kernels, batch norms near the identity): the model's own
+  initialisation would compile a program per layer shape of a full-size network.
+  """
+  model = nnx.eval_shape(
+      lambda: models.create_model(model_name, num_classes=num_classes, rngs=nnx.Rngs(0))
+  )
+  rng = np.random.default_rng(3)
+  for name, (variable, _) in pretrained._targets(model)[0].items():
+    shape = tuple(variable.shape)
+    if len(shape) > 1:  # a kernel, its fan-in on every axis but the last
+      value = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))
+    elif name.endswith(("weight", "running_var")):  # a batch norm's scale or variance
+      value = rng.uniform(0.5, 1.5, shape)
+    else:  # a bias or a running mean
+      value = rng.uniform(-0.1, 0.1, shape)
+    variable.set_value(jnp.asarray(value, jnp.float32))
+  safetensors.numpy.save_file(torch_state_dict(model), str(path))
+  return model
 
 
 def normal(shape, seed=0):

@@ -12,7 +12,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import imagenet_r34_r18
-from conftest import ROOT, SMALL_OVERRIDES, small_config
+from conftest import ROOT, SMALL_OVERRIDES, save_torch_state_dict, small_config
 from kd_jax import native, pipeline
 from kd_jax.errors import UserInputError
 
@@ -248,17 +248,21 @@ def test_teacher_for_another_class_count_is_refused(quickstart_run, tmp_path):
 def test_imagenet_config_runs_a_few_steps_on_mock_data(tmp_path):
   # The published DKD recipe as it stands (resnet34 -> resnet18, 1,000 classes,
   # resized crops, SGD with linear scaling), shrunk to 32x32 images and two
-  # steps a stage so that it fits the suite. Streamed, as ImageNet is: the mock
-  # images vary in size, and each is cropped at its own resolution.
+  # student steps so that it fits the suite, from a ResNet-34 weights file with
+  # torchvision's names, used as it is (as torchvision's pretrained one would be).
+  # Streamed, as ImageNet is: the mock images vary in size, and each is cropped at
+  # its own resolution.
+  weights = tmp_path / "resnet34.safetensors"
+  save_torch_state_dict("resnet34", 1000, weights)
   config = imagenet_r34_r18.get_config("dkd")
   config.data.update(image_size=32, in_memory="false", workers=2)
-  for stage in (config.teacher, config.student):
-    stage.update(epochs=1, batch_size=8)
+  config.teacher.update(weights=str(weights), epochs=0)
+  config.student.update(epochs=1, batch_size=8)
   config.eval.update(batch_size=8, latency_repeats=1, throughput_repeats=1)
   config.baseline.enabled = False
   config.export.enabled = False
   with tfds.testing.mock_data(num_examples=16):
-    report = pipeline.train_and_evaluate(config, str(tmp_path))
+    report = pipeline.train_and_evaluate(config, str(tmp_path / "run"))
   assert report["dataset"] == {
       "name": "imagenet2012",
       "num_train": 16,
@@ -266,5 +270,6 @@ def test_imagenet_config_runs_a_few_steps_on_mock_data(tmp_path):
       "num_classes": 1000,
   }
   assert report["teacher"]["model"] == "resnet34" and report["student"]["model"] == "resnet18"
+  assert report["teacher"]["epochs"] == 0
   # lr 0.2 at batch 512, scaled to the global batch of 8.
   assert report["student"]["learning_rate"] == pytest.approx(0.2 * 8 / 512)

@@ -11,13 +11,13 @@ import os
 
 import cv2
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 from flax import nnx
 
 from configs import default
+from conftest import save_torch_state_dict
 from kd_jax import checkpoint, models, network, pipeline, predict, pretrained
 from kd_jax.errors import UserInputError
 
@@ -96,16 +96,6 @@ def test_load_checks_shapes_against_the_full_model():
     pretrained.load("mobilenet_v2", os.path.join(FIXTURES, "mobilenet_v2.safetensors"))
 
 
-def torch_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
-  """`model`'s variables under torchvision's names and layouts (the inverse of loading)."""
-  targets, _ = pretrained._targets(model)
-  return {
-      # Contiguous: safetensors writes an array's buffer in memory order.
-      name: np.ascontiguousarray(np.transpose(v[...], np.argsort(axes) if axes else None))
-      for name, (v, axes) in targets.items()
-  }
-
-
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".bin"])
 def test_pickled_files_are_refused_with_the_conversion(tmp_path, suffix):
   path = tmp_path / f"resnet50{suffix}"
@@ -155,29 +145,6 @@ def folder_config(root, teacher_model: str, weights: str, teacher_epochs: int):
   config.checkpoint.every_steps = 0
   config.eval.update(batch_size=8, latency_repeats=2, throughput_repeats=1)
   return config
-
-
-def save_torch_state_dict(model_name: str, num_classes: int, path) -> nnx.Module:
-  """Writes random weights of `model_name` as a torchvision state dict; returns the model.
-
-  NumPy draws them (He-scaled kernels, batch norms near the identity): the model's own
-  initialisation would compile a program per layer shape of a full-size network.
-  """
-  model = nnx.eval_shape(
-      lambda: models.create_model(model_name, num_classes=num_classes, rngs=nnx.Rngs(0))
-  )
-  rng = np.random.default_rng(3)
-  for name, (variable, _) in pretrained._targets(model)[0].items():
-    shape = tuple(variable.shape)
-    if len(shape) > 1:  # a kernel, its fan-in on every axis but the last
-      value = rng.standard_normal(shape) * np.sqrt(2 / np.prod(shape[:-1]))
-    elif name.endswith(("weight", "running_var")):  # a batch norm's scale or variance
-      value = rng.uniform(0.5, 1.5, shape)
-    else:  # a bias or a running mean
-      value = rng.uniform(-0.1, 0.1, shape)
-    variable.set_value(jnp.asarray(value, jnp.float32))
-  safetensors.numpy.save_file(torch_state_dict(model), str(path))
-  return model
 
 
 @pytest.mark.slow
