@@ -132,9 +132,10 @@ class ContrastiveHeads(nnx.Module):
     teacher_loss, teacher_normalizer = _nce(
         teacher_BxD, self.student_memory[...], rows_BxK, self.normalizers[1]
     )
-    self.normalizers[...] = jnp.stack([student_normalizer, teacher_normalizer])
-    self.student_memory[...] = remember(self.student_memory[...], index_B, student_BxD)
-    self.teacher_memory[...] = remember(self.teacher_memory[...], index_B, teacher_BxD)
+    # set_value: traced, it costs less than `[...] =` (see layers.BatchNorm).
+    self.normalizers.set_value(jnp.stack([student_normalizer, teacher_normalizer]))
+    self.student_memory.set_value(remember(self.student_memory[...], index_B, student_BxD))
+    self.teacher_memory.set_value(remember(self.teacher_memory[...], index_B, teacher_BxD))
     return student_loss + teacher_loss
 
 

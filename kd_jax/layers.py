@@ -65,8 +65,10 @@ class BatchNorm(nnx.BatchNorm):
   def _update_running_stats(self, mean_C: jax.Array, var_C: jax.Array) -> None:
     # As nnx.BatchNorm: the running averages take no gradient.
     mean_C, var_C = jax.lax.stop_gradient((mean_C, var_C))
-    self.mean[...] = self.momentum * self.mean[...] + (1 - self.momentum) * mean_C
-    self.var[...] = self.momentum * self.var[...] + (1 - self.momentum) * var_C
+    # set_value, not `[...] =`: Flax checks an indexed write's sharding, which for a
+    # traced value walks the whole program traced so far, so tracing grew quadratically.
+    self.mean.set_value(self.momentum * self.mean[...] + (1 - self.momentum) * mean_C)
+    self.var.set_value(self.momentum * self.var[...] + (1 - self.momentum) * var_C)
 
 
 def batch_norm(num_features: int, *, rngs: nnx.Rngs) -> BatchNorm:
