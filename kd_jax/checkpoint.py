@@ -62,7 +62,7 @@ class StageCheckpoints:
     """Starts writing a checkpoint of `step`; `test_top1` ranks epoch ends."""
     # Host copies: Orbax writes NumPy arrays in half the time of device arrays (for
     # those it plans shards and replicas, which a replicated state does not need).
-    variables, train = jax.device_get(parallel.local_replica((variables, train)))
+    variables, train = parallel.host_copy((variables, train))
     self._manager.save(
         step,
         args=ocp.args.Composite(

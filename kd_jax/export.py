@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from kd_jax import parallel
 from kd_jax.network import Network, Variables
 
 MODEL_FILE = "model.jax"
@@ -39,20 +40,13 @@ _BATCH = "batch"
 _COLOR_NAMES = {1: "grayscale", 3: "RGB"}
 
 
-def _to_host(array: jax.Array) -> np.ndarray:
-  """A replicated array as numpy, even where other processes hold copies too."""
-  if isinstance(array, jax.Array) and not array.is_fully_addressable:
-    array = array.addressable_data(0)
-  return np.asarray(array)
-
-
 def _inference_function(network: Network, variables: Variables) -> Callable:
   """`images -> logits` in eval mode, closing over host copies of the weights.
 
   Closing over numpy arrays (rather than taking them as arguments) is what
   makes the exported function carry its weights as constants.
   """
-  host_variables = jax.tree.map(_to_host, variables)
+  host_variables = parallel.host_copy(variables)
   # An exported model must run without kd_jax, so without its native kernels.
   portable = network.portable()
 

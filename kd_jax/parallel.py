@@ -84,9 +84,14 @@ def local_replica(tree):
   """A replicated tree's copy on this process's first device, readable on the host.
 
   In a multi-host run a replicated array spans devices of other processes,
-  which the host cannot read directly.
+  which the host cannot read directly. Leaves already on the host stay as they are.
   """
-  return jax.tree.map(lambda a: a.addressable_data(0), tree)
+  return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
+
+
+def host_copy(tree):
+  """A replicated tree as NumPy arrays, read from this process's own copy."""
+  return jax.device_get(local_replica(tree))
 
 
 def sync(name: str) -> None:

@@ -414,7 +414,7 @@ def _write_outputs(run: _Run, results: dict, stages: dict) -> None:
     student, student_run = stages["student"]
     export.export_model(  # on process 0 alone: from its own copy of the weights
         student,
-        parallel.local_replica(student_run.variables),
+        student_run.variables,
         image_shape=run.dataset.image_shape,
         mean_C=run.data.mean_C,
         std_C=run.data.std_C,
