@@ -11,6 +11,7 @@ import os
 
 import cv2
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -94,6 +95,21 @@ def test_load_checks_shapes_against_the_full_model():
   # The fixture is narrower than the registry's mobilenet_v2.
   with pytest.raises(UserInputError, match=r"wrong shape features.0.0.weight \(8, 3, 3, 3\)"):
     pretrained.load("mobilenet_v2", os.path.join(FIXTURES, "mobilenet_v2.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_half_precision_files_load_as_float32_weights(tmp_path, dtype):
+  # Hub checkpoints are often saved in bfloat16 or float16.
+  tensors, _ = fixture("resnet18")
+  path = str(tmp_path / "half.safetensors")
+  safetensors.numpy.save_file({name: a.astype(dtype) for name, a in tensors.items()}, path)
+  model = narrow_model("resnet18")
+  pretrained.assign(model, pretrained.read_state_dict(path, "w"), "w")
+  kernel = model.stem_conv.kernel[...]
+  assert kernel.dtype == np.float32
+  expected = tensors["conv1.weight"].astype(dtype).astype(np.float32).transpose(2, 3, 1, 0)
+  np.testing.assert_array_equal(kernel, expected)
+  assert not np.array_equal(kernel, tensors["conv1.weight"].transpose(2, 3, 1, 0))
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".pt", ".bin"])
