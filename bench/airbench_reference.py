@@ -30,7 +30,10 @@ import torch
 
 
 def read_split(tree: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """All images of tree/split/<class>/ as (N, 32, 32, 3) RGB uint8, and their labels."""
+  """All images of tree/split/<class>/ as (N, 32, 32, 3) RGB uint8, and their labels.
+
+  Its own reader, not kd_jax.data's: this runs in the PyTorch environment, without jax.
+  """
   root = os.path.join(tree, split)
   images, labels = [], []
   for label, name in enumerate(sorted(os.listdir(root))):

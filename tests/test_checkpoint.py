@@ -46,7 +46,9 @@ def _final_variables(workdir: str, stage: str, model: str, **kwargs):
   return jax.device_get(variables)
 
 
-def _assert_same_run(workdir: str, reference: str, reference_report: dict, stages=tuple(STAGE_MODELS)):
+def _assert_same_run(
+    workdir: str, reference: str, reference_report: dict, stages=tuple(STAGE_MODELS)
+):
   with open(os.path.join(workdir, "report.json")) as f:
     report = json.load(f)
   for stage in stages:
